@@ -1,0 +1,57 @@
+"""Settings -> Celery configuration, and queue routing."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kombu import Queue
+
+from scheduler.messages import (
+    ALL_QUEUES,
+    QUEUE_DISPATCH,
+    QUEUE_PLANS,
+    QUEUE_RUNS,
+    TASK_CLAIM_PLAN,
+    TASK_DISPATCH,
+    TASK_EXECUTE,
+    TASK_RECONCILE,
+)
+from scheduler.settings import Settings
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    return {
+        "broker_url": settings.resolved_broker_url,
+        "broker_connection_retry_on_startup": True,
+        # Messages carry ids and small dicts; JSON only, so no pickle ever
+        # deserializes attacker-controlled bytes.
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        # Outcomes live in the database; Celery results would be a second,
+        # weaker copy.
+        "task_ignore_result": True,
+        "result_backend": None,
+        # Flower needs task events.
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
+        # A worker must not hoard messages it cannot start: with prefetch 1 a
+        # long terraform run holds one message, not four.
+        "worker_prefetch_multiplier": 1,
+        "task_queues": [Queue(name) for name in ALL_QUEUES],
+        "task_default_queue": QUEUE_DISPATCH,
+        "task_routes": {
+            TASK_CLAIM_PLAN: {"queue": QUEUE_PLANS},
+            TASK_DISPATCH: {"queue": QUEUE_DISPATCH},
+            TASK_EXECUTE: {"queue": QUEUE_RUNS},
+            TASK_RECONCILE: {"queue": QUEUE_DISPATCH},
+        },
+        "beat_schedule": {
+            "runq-reconcile": {
+                "task": TASK_RECONCILE,
+                "schedule": settings.reconcile_interval,
+                "options": {"queue": QUEUE_DISPATCH, "expires": settings.reconcile_interval},
+            }
+        },
+        "worker_hijack_root_logger": True,
+    }

@@ -1,0 +1,130 @@
+"""The Python API for application code.
+
+    from scheduler.api import Client
+
+    client = Client.from_env()
+    task = client.submit("networking", "plan_and_apply", message="bump vpc")
+    client.wait([task.id])
+
+    # or inside your own transaction (same database as runq):
+    with client.session() as s, s.begin():
+        s.add(my_row)
+        client.submit("networking", "plan", session=s)
+    # the task's message is published only if that transaction commits
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+
+from sqlalchemy.orm import Session
+
+from scheduler import tasks, workspaces
+from scheduler.errors import SchedulerError
+from scheduler.runtime import Runtime
+from scheduler.settings import Settings
+from scheduler.states import SETTLED, ExecutionMode, TaskStatus, TaskType
+from scheduler.views import EventView, TaskView, WorkspaceView
+
+
+class WaitTimeout(SchedulerError):
+    """Timed out waiting for tasks to settle."""
+
+
+class Client:
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+
+    @classmethod
+    def from_env(cls, settings: Settings | None = None, actor: str | None = None) -> Client:
+        from celery_app.app import app, use_settings
+        from celery_app.runtime import build_runtime
+
+        settings = settings or Settings()
+        use_settings(settings)
+        return cls(build_runtime(app, settings, actor=actor))
+
+    def session(self) -> Session:
+        """A session on runq's database, publishing runq's messages on commit."""
+        session = self.runtime.sessions()
+        self.runtime.attach(session)
+        return session
+
+    def create_workspace(
+        self,
+        name: str,
+        *,
+        mode: ExecutionMode | str = ExecutionMode.LOCAL,
+        source_dir: str | None = None,
+        auto_apply: bool = False,
+        agent_pool: str | None = None,
+    ) -> WorkspaceView:
+        return workspaces.create(
+            self.runtime, name, mode=mode, source_dir=source_dir, auto_apply=auto_apply,
+            agent_pool=agent_pool,
+        )
+
+    def submit(
+        self,
+        workspace: str,
+        task_type: TaskType | str,
+        *,
+        message: str | None = None,
+        created_by: str | None = None,
+        session: Session | None = None,
+    ) -> TaskView:
+        return tasks.submit(
+            self.runtime, workspace, task_type, message=message,
+            created_by=created_by or self.runtime.actor, session=session,
+        )
+
+    def get(self, task_id: int) -> TaskView:
+        return tasks.get(self.runtime, task_id)
+
+    def confirm(self, task_id: int) -> TaskView:
+        return tasks.confirm(self.runtime, task_id)
+
+    def discard(self, task_id: int) -> TaskView:
+        return tasks.discard(self.runtime, task_id)
+
+    def cancel(self, task_id: int) -> TaskView:
+        return tasks.cancel(self.runtime, task_id)
+
+    def events(self, task_ids: Sequence[int] | None = None) -> list[EventView]:
+        return tasks.events(self.runtime, task_ids)
+
+    def wait(
+        self,
+        task_ids: Iterable[int],
+        *,
+        timeout: float | None = None,
+        until: frozenset[TaskStatus] = SETTLED,
+        poll: float = 0.2,
+    ) -> list[TaskView]:
+        return wait(self.runtime, task_ids, timeout=timeout, until=until, poll=poll)
+
+    def close(self) -> None:
+        self.runtime.close()
+
+
+def wait(
+    rt: Runtime,
+    task_ids: Iterable[int],
+    *,
+    timeout: float | None = None,
+    until: frozenset[TaskStatus] = SETTLED,
+    poll: float = 0.2,
+) -> list[TaskView]:
+    """Block until every task is in ``until``; the database is polled, as the
+    truth lives there (an unknown id fails at once with TaskNotFound)."""
+    ids = list(task_ids)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        views = [tasks.get(rt, i) for i in ids]
+        if all(v.status in until for v in views):
+            return views
+        if deadline is not None and time.monotonic() >= deadline:
+            waiting = ", ".join(f"{v.id} ({v.status})" for v in views if v.status not in until)
+            raise WaitTimeout(f"timed out after {timeout}s; still waiting for {waiting}")
+        time.sleep(poll)

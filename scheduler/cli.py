@@ -1,0 +1,318 @@
+"""The ``runq`` command line.
+
+Every command takes ``--json``: stdout then carries JSON only. Errors go to
+stderr (as JSON with ``--json``) with a non-zero exit status, and change
+nothing.
+"""
+
+from __future__ import annotations
+
+import functools
+import getpass
+import json
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from scheduler.errors import NotFound, SchedulerError
+from scheduler.settings import Settings
+from scheduler.states import ExecutionMode, TaskType
+from scheduler.views import EventView, TaskView, WorkspaceView
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+EXIT_ERROR = 1
+EXIT_NOT_FOUND = 3
+EXIT_TIMEOUT = 4
+
+
+class Output:
+    def __init__(self, as_json: bool) -> None:
+        self.as_json = as_json
+
+    def emit(self, data: Any, human: Callable[[], None]) -> None:
+        if self.as_json:
+            click.echo(json.dumps(data, indent=2, sort_keys=True))
+        else:
+            human()
+
+
+def _fail(as_json: bool, exc: Exception, code: int) -> None:
+    if as_json:
+        click.echo(json.dumps({"error": str(exc), "type": type(exc).__name__}), err=True)
+    else:
+        click.echo(f"runq: error: {exc}", err=True)
+    sys.exit(code)
+
+
+def command(group: click.Group, name: str | None = None) -> Callable[[F], F]:
+    """A subcommand with ``--json``, runq's error handling, and a client."""
+
+    def wrap(fn: F) -> F:
+        @group.command(name=name or fn.__name__.replace("_", "-"), help=fn.__doc__)
+        @click.option("--json", "as_json", is_flag=True, help="Print JSON only on stdout.")
+        @functools.wraps(fn)
+        def run(*args: Any, as_json: bool, **kwargs: Any) -> None:
+            from scheduler.api import WaitTimeout
+
+            try:
+                fn(Output(as_json), *args, **kwargs)
+            except WaitTimeout as exc:
+                _fail(as_json, exc, EXIT_TIMEOUT)
+            except NotFound as exc:
+                _fail(as_json, exc, EXIT_NOT_FOUND)
+            except SchedulerError as exc:
+                _fail(as_json, exc, EXIT_ERROR)
+            except Exception as exc:
+                # Infrastructure down (database, Redis) and the like: one line,
+                # not a traceback, but say what it was.
+                logging.getLogger(__name__).debug("command failed", exc_info=True)
+                _fail(as_json, RuntimeError(f"{type(exc).__name__}: {exc}"), EXIT_ERROR)
+
+        return run  # type: ignore[return-value]
+
+    return wrap
+
+
+def client() -> Any:
+    from scheduler.api import Client
+
+    return Client.from_env(actor=f"cli:{getpass.getuser()}")
+
+
+@click.group()
+@click.option("-v", "--verbose", count=True, help="Log to stderr (-v info, -vv debug).")
+def main(verbose: int) -> None:
+    """runq: plans run free, plan+apply is serialized per workspace."""
+    level = {0: logging.WARNING, 1: logging.INFO}.get(verbose, logging.DEBUG)
+    logging.basicConfig(level=level, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+
+
+# ---------------------------------------------------------------- db
+
+
+@main.group()
+def db() -> None:
+    """Database schema."""
+
+
+@command(db)
+def upgrade(out: Output) -> None:
+    """Create or migrate the schema to the newest revision."""
+    from scheduler.db import current_revision, make_engine
+    from scheduler.db import upgrade as run_upgrade
+
+    settings = Settings()
+    engine = make_engine(settings.resolved_database_url)
+    try:
+        run_upgrade(engine)
+        revision = current_revision(engine)
+    finally:
+        engine.dispose()
+    out.emit(
+        {"revision": revision, "database": engine.url.render_as_string(hide_password=True)},
+        lambda: click.echo(f"database at revision {revision}"),
+    )
+
+
+# ---------------------------------------------------------------- workspaces
+
+
+@main.group()
+def workspace() -> None:
+    """Workspaces: create, list, lock."""
+
+
+def _print_workspace(ws: WorkspaceView) -> None:
+    lock = f"locked by {ws.locked_by}" + (f" ({ws.lock_reason})" if ws.lock_reason else "")
+    click.echo(
+        f"{ws.name}  mode={ws.execution_mode}  auto_apply={'yes' if ws.auto_apply else 'no'}"
+        f"  {lock if ws.locked else 'unlocked'}"
+        + (f"  dir={ws.source_dir}" if ws.source_dir else "")
+        + (f"  pool={ws.agent_pool}" if ws.agent_pool else "")
+    )
+
+
+@command(workspace)
+@click.argument("name")
+@click.option("--mode", type=click.Choice([m.value for m in ExecutionMode]), default="local")
+@click.option("--dir", "source_dir", type=click.Path(), help="Terraform configuration (local).")
+@click.option("--auto-apply", is_flag=True, help="Apply without waiting for confirmation.")
+@click.option("--agent-pool", help="Agent pool name (agent mode).")
+def create(
+    out: Output, name: str, mode: str, source_dir: str | None, auto_apply: bool,
+    agent_pool: str | None,
+) -> None:
+    """Create workspace NAME."""
+    ws = client().create_workspace(
+        name, mode=mode, source_dir=source_dir, auto_apply=auto_apply, agent_pool=agent_pool
+    )
+    out.emit(ws.to_json(), lambda: _print_workspace(ws))
+
+
+@command(workspace, "list")
+def list_workspaces(out: Output) -> None:
+    """List workspaces."""
+    from scheduler import workspaces
+
+    items = workspaces.list_all(client().runtime)
+    out.emit([w.to_json() for w in items], lambda: [_print_workspace(w) for w in items])
+
+
+@command(workspace)
+@click.argument("name")
+@click.option("--reason", help="Why (shown to whoever finds the workspace locked).")
+def lock(out: Output, name: str, reason: str | None) -> None:
+    """Lock NAME: plan+apply tasks stay queued; plans still run."""
+    from scheduler import workspaces
+
+    ws = workspaces.lock(client().runtime, name, holder=f"cli:{getpass.getuser()}", reason=reason)
+    out.emit(ws.to_json(), lambda: _print_workspace(ws))
+
+
+@command(workspace)
+@click.argument("name")
+def unlock(out: Output, name: str) -> None:
+    """Unlock NAME and let its queued plan+apply tasks go."""
+    from scheduler import workspaces
+
+    ws = workspaces.unlock(client().runtime, name)
+    out.emit(ws.to_json(), lambda: _print_workspace(ws))
+
+
+# ---------------------------------------------------------------- tasks
+
+
+def _when(view: TaskView) -> str:
+    return view.created_at.strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _print_task(t: TaskView) -> None:
+    changes = f"+{t.add} ~{t.change} -{t.destroy}" if t.add is not None else ""
+    click.echo(
+        f"{t.id:>6}  {t.workspace:<20} {t.type:<15} {t.status:<14} {_when(t)}  {changes}"
+        + (f"  error: {t.error}" if t.error else "")
+    )
+
+
+def _print_task_detail(t: TaskView, events: list[EventView]) -> None:
+    for key, value in t.to_json().items():
+        if value is not None:
+            click.echo(f"{key:>16}: {value}")
+    click.echo("          events:")
+    for e in events:
+        click.echo(
+            f"    {e.at.strftime('%H:%M:%S.%f')[:-3]}  {e.from_status or '-':>13} -> "
+            f"{e.to_status:<13} by {e.actor}" + (f" ({e.reason})" if e.reason else "")
+        )
+
+
+@command(main)
+@click.argument("workspace_name", metavar="NAME")
+@click.option("--type", "task_type", required=True, help="plan | plan_and_apply")
+@click.option("--message", help="Why this run (shown in lists and timelines).")
+def submit(out: Output, workspace_name: str, task_type: str, message: str | None) -> None:
+    """Queue a task in workspace NAME."""
+    # The type is validated by the API, not click.Choice, so a bad one gets
+    # runq's own error and exit status (as JSON with --json).
+    t = client().submit(workspace_name, task_type, message=message)
+    out.emit(t.to_json(), lambda: _print_task(t))
+
+
+@command(main)
+@click.argument("task_id", type=int)
+def show(out: Output, task_id: int) -> None:
+    """Show task ID with its events."""
+    c = client()
+    t = c.get(task_id)
+    events = c.events([task_id])
+    out.emit(
+        {**t.to_json(), "events": [e.to_json() for e in events]},
+        lambda: _print_task_detail(t, events),
+    )
+
+
+@command(main, "list")
+@click.option("--workspace", "workspace_name", help="Only this workspace.")
+@click.option("--status", "statuses", multiple=True, help="Only these statuses (repeatable).")
+@click.option("--limit", default=200, show_default=True)
+def list_cmd(out: Output, workspace_name: str | None, statuses: tuple[str, ...], limit: int) -> None:
+    """List tasks, newest first."""
+    from scheduler import tasks
+
+    parsed = [tasks.parse_status(s) for s in statuses]
+    items = tasks.list_tasks(client().runtime, workspace=workspace_name, statuses=parsed, limit=limit)
+    out.emit([t.to_json() for t in items], lambda: [_print_task(t) for t in items])
+
+
+@command(main)
+@click.argument("task_id", type=int)
+def confirm(out: Output, task_id: int) -> None:
+    """Confirm the plan of plan+apply task ID; its apply is queued."""
+    t = client().confirm(task_id)
+    out.emit(t.to_json(), lambda: _print_task(t))
+
+
+@command(main)
+@click.argument("task_id", type=int)
+def discard(out: Output, task_id: int) -> None:
+    """Discard the plan of plan+apply task ID; the workspace moves on."""
+    t = client().discard(task_id)
+    out.emit(t.to_json(), lambda: _print_task(t))
+
+
+@command(main)
+@click.argument("task_id", type=int)
+def cancel(out: Output, task_id: int) -> None:
+    """Cancel task ID (not yet running: pending, or waiting for/after confirmation)."""
+    t = client().cancel(task_id)
+    out.emit(t.to_json(), lambda: _print_task(t))
+
+
+@command(main)
+@click.argument("task_id", type=int)
+def logs(out: Output, task_id: int) -> None:
+    """Print the terraform output of task ID, phase by phase."""
+    c = client()
+    c.get(task_id)  # unknown id: a clear error, not an empty answer
+    root = c.runtime.settings.logs_dir / str(task_id)
+    phases = {p: (root / f"{p}.log") for p in ("plan", "apply")}
+    texts = {p: path.read_text(errors="replace") for p, path in phases.items() if path.is_file()}
+
+    def human() -> None:
+        if not texts:
+            click.echo(f"(no logs yet for task {task_id})", err=True)
+        for phase, text in texts.items():
+            click.echo(f"===== {phase} =====")
+            click.echo(text, nl=False)
+
+    out.emit({"task_id": task_id, "logs": texts}, human)
+
+
+@command(main)
+@click.argument("task_ids", nargs=-1, type=int, required=True)
+@click.option("--timeout", type=float, default=None, help="Give up after S seconds (exit 4).")
+def wait(out: Output, task_ids: tuple[int, ...], timeout: float | None) -> None:
+    """Wait until every task is finished or waiting for confirmation."""
+    views = client().wait(task_ids, timeout=timeout)
+    out.emit([v.to_json() for v in views], lambda: [_print_task(v) for v in views])
+
+
+@command(main)
+@click.option("--workers", default=2, show_default=True, help="Celery worker processes.")
+@click.option("--data-dir", type=click.Path(path_type=Path), default=None,
+              help="Where the demo keeps its files (default: $RUNQ_DATA_DIR or ./.runq).")
+def demo(out: Output, workers: int, data_dir: Path | None) -> None:
+    """Run a mixed scenario end to end and print per-workspace timelines."""
+    from scheduler.demo import run_demo
+
+    report = run_demo(workers=workers, data_dir=data_dir, quiet=out.as_json)
+    out.emit(report.to_json(), lambda: None)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,230 @@
+"""Claiming work and handing it off.
+
+Two paths, by task type:
+
+* :func:`claim_plan` (plan tasks, new mode): no lock. One conditional UPDATE
+  moves the task from ``pending`` to ``planning``; a duplicate or late message
+  finds it already moved and does nothing.
+* :func:`dispatch` (plan+apply tasks; every task in legacy mode): under the
+  workspace's Redis lock, re-read the workspace from the database and take the
+  one step it allows: claim the apply of a confirmed run, or claim the head of
+  the FIFO queue if nothing is active and no manual lock holds it. The claim
+  is a conditional UPDATE that also bumps the fencing token; the partial
+  unique index refuses a second active plan+apply even if the lock lied.
+
+Either way the hand-off happens after the claim commits, and a failed hand-off
+fails the task (which frees the workspace for the next one).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from executors import launcher_for
+from executors.base import Handoff
+from scheduler.errors import ConcurrentChange, SchedulerError
+from scheduler.locks import workspace_lock
+from scheduler.models import Task, Workspace
+from scheduler.runtime import Runtime
+from scheduler.states import (
+    ACTIVE_APPLY,
+    RUNNING,
+    DispatchMode,
+    ExecutionMode,
+    Phase,
+    TaskStatus,
+    TaskType,
+)
+from scheduler.transitions import transition
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What one dispatch (or plan claim) did, for logs and tests."""
+
+    workspace: str
+    #: claimed_plan | claimed_apply | skipped | lock_busy
+    action: str
+    reason: str
+    task_id: int | None = None
+    fence: int | None = None
+
+    @property
+    def claimed(self) -> bool:
+        return self.action.startswith("claimed")
+
+
+def _log(decision: Decision, **extra: object) -> Decision:
+    log.info(
+        "dispatch %s: %s%s (%s)",
+        decision.workspace,
+        decision.action,
+        f" task {decision.task_id}" if decision.task_id is not None else "",
+        decision.reason,
+        extra={
+            "action": f"dispatch_{decision.action}",
+            "workspace": decision.workspace,
+            "task_id": decision.task_id,
+            "reason": decision.reason,
+            **extra,
+        },
+    )
+    return decision
+
+
+def _handoff(task: Task, ws: Workspace, phase: Phase, fence: int) -> Handoff:
+    return Handoff(
+        task_id=task.id,
+        workspace=ws.name,
+        phase=phase,
+        fence=fence,
+        speculative=task.type == TaskType.PLAN,
+        mode=ExecutionMode(ws.execution_mode),
+        source_dir=ws.source_dir,
+        agent_pool=ws.agent_pool,
+    )
+
+
+def _claim(
+    rt: Runtime, s: Session, task: Task, ws: Workspace, to: TaskStatus, reason: str
+) -> Handoff:
+    done = transition(
+        s,
+        task.id,
+        to,
+        actor=rt.actor,
+        reason=reason,
+        expect={TaskStatus(task.status)},
+        new_fence=True,
+        # A new claim starts a new phase: no executor has started it yet.
+        values={"executor_handle": None},
+    )
+    phase = Phase.PLAN if to is TaskStatus.PLANNING else Phase.APPLY
+    return _handoff(task, ws, phase, done.fence)
+
+
+def hand_off(rt: Runtime, handoff: Handoff) -> None:
+    """Give a committed claim to its executor; fail the task if that fails."""
+    try:
+        handle = launcher_for(handoff.mode, rt.publisher).launch(handoff)
+    except Exception as exc:
+        reason = f"hand-off to {handoff.mode} executor failed: {exc}"
+        log.exception(
+            "task %s: %s",
+            handoff.task_id,
+            reason,
+            extra={"action": "handoff_failed", "task_id": handoff.task_id},
+        )
+        try:
+            with rt.transaction() as s:
+                transition(
+                    s,
+                    handoff.task_id,
+                    TaskStatus.FAILED,
+                    actor=rt.actor,
+                    reason="hand-off failed",
+                    fence=handoff.fence,
+                    values={"error": reason},
+                )
+        except ConcurrentChange:
+            pass  # someone else already moved it on
+        return
+    log.info(
+        "task %s %s phase handed to %s (%s)",
+        handoff.task_id,
+        handoff.phase,
+        handoff.mode,
+        handle,
+        extra={"action": "handed_off", "task_id": handoff.task_id, "handle": handle},
+    )
+
+
+def claim_plan(rt: Runtime, task_id: int) -> Decision:
+    """Claim plan task ``task_id`` by id, with no lock, and hand it off."""
+    with rt.transaction() as s:
+        row = s.execute(
+            select(Task, Workspace)
+            .join(Workspace, Workspace.id == Task.workspace_id)
+            .where(Task.id == task_id)
+        ).one_or_none()
+        if row is None:
+            return _log(Decision("?", "skipped", f"task {task_id} does not exist", task_id))
+        task, ws = row.tuple()
+        if task.type != TaskType.PLAN:
+            return _log(Decision(ws.name, "skipped", "not a plan task", task_id))
+        if task.status != TaskStatus.PENDING:
+            return _log(
+                Decision(ws.name, "skipped", f"already {task.status} (late or duplicate)", task_id)
+            )
+        try:
+            handoff = _claim(rt, s, task, ws, TaskStatus.PLANNING, "plan claimed")
+        except ConcurrentChange as exc:
+            return _log(Decision(ws.name, "skipped", f"lost race: {exc}", task_id))
+    hand_off(rt, handoff)
+    return _log(Decision(ws.name, "claimed_plan", "plan tasks take no lock", task_id, handoff.fence))
+
+
+def dispatch(rt: Runtime, workspace: str) -> Decision:
+    """Take the next step for ``workspace`` under its Redis lock."""
+    settings = rt.settings
+    with workspace_lock(
+        rt.redis, workspace, ttl=settings.lock_ttl, wait=settings.lock_wait
+    ) as held:
+        if not held:
+            return _log(
+                Decision(workspace, "lock_busy", f"lock still held after {settings.lock_wait}s")
+            )
+        try:
+            with rt.transaction() as s:
+                decision, handoff = _decide(rt, s, workspace)
+        except ConcurrentChange as exc:
+            # The database guard refused a claim another dispatcher won.
+            return _log(Decision(workspace, "skipped", f"lost race: {exc}"))
+        if handoff is not None:
+            hand_off(rt, handoff)
+        return _log(decision, lock="held")
+
+
+def _decide(rt: Runtime, s: Session, workspace: str) -> tuple[Decision, Handoff | None]:
+    ws = s.scalars(select(Workspace).where(Workspace.name == workspace)).one_or_none()
+    if ws is None:
+        return Decision(workspace, "skipped", "no such workspace"), None
+    legacy = rt.settings.dispatch_mode is DispatchMode.LEGACY
+
+    # Re-read under the lock: what holds the workspace right now?
+    holding = ACTIVE_APPLY | RUNNING if legacy else ACTIVE_APPLY
+    active_q = select(Task).where(Task.workspace_id == ws.id, Task.status.in_(holding))
+    if not legacy:
+        active_q = active_q.where(Task.type == TaskType.PLAN_AND_APPLY)
+    active = s.scalars(active_q.order_by(Task.queue_seq).limit(1)).first()
+
+    if active is not None:
+        if active.status != TaskStatus.APPLY_QUEUED:
+            return Decision(ws.name, "skipped", f"busy: task {active.id} is {active.status}"), None
+        if ws.locked_by is not None:
+            return Decision(
+                ws.name, "skipped", f"apply of task {active.id} held by lock of {ws.locked_by}"
+            ), None
+        handoff = _claim(rt, s, active, ws, TaskStatus.APPLYING, "apply claimed")
+        return Decision(ws.name, "claimed_apply", "confirmed", active.id, handoff.fence), handoff
+
+    head_q = select(Task).where(Task.workspace_id == ws.id, Task.status == TaskStatus.PENDING)
+    if not legacy:
+        head_q = head_q.where(Task.type == TaskType.PLAN_AND_APPLY)
+    if ws.locked_by is not None:
+        # A manual lock holds back plan+apply tasks only; in legacy mode the
+        # plans queued in the same line may still go.
+        if not legacy:
+            return Decision(ws.name, "skipped", f"workspace locked by {ws.locked_by}"), None
+        head_q = head_q.where(Task.type == TaskType.PLAN)
+    head = s.scalars(head_q.order_by(Task.queue_seq).limit(1)).first()
+    if head is None:
+        return Decision(ws.name, "skipped", "queue empty"), None
+    handoff = _claim(rt, s, head, ws, TaskStatus.PLANNING, "head of queue claimed")
+    return Decision(ws.name, "claimed_plan", "head of queue", head.id, handoff.fence), handoff

@@ -1,0 +1,58 @@
+"""Broker messages: names, queues, and the publisher interface.
+
+A message is a hint, never the truth. Every handler re-reads the database and
+does nothing if the hint is stale (task already claimed, workspace busy), and
+the reconciler re-sends hints for work the database says is waiting. So a
+lost message delays work and a duplicated one does nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+#: Speculative plans: no lock, any free worker claims by id.
+QUEUE_PLANS = "runq.plans"
+#: Per-workspace dispatch of plan+apply tasks, under the workspace lock.
+QUEUE_DISPATCH = "runq.dispatch"
+#: Local-mode execution of a claimed phase (long: terraform runs here).
+QUEUE_RUNS = "runq.runs"
+ALL_QUEUES = (QUEUE_PLANS, QUEUE_DISPATCH, QUEUE_RUNS)
+
+TASK_CLAIM_PLAN = "runq.claim_plan"
+TASK_DISPATCH = "runq.dispatch"
+TASK_EXECUTE = "runq.execute"
+TASK_RECONCILE = "runq.reconcile"
+
+
+@dataclass(frozen=True)
+class Message:
+    task: str
+    queue: str
+    #: JSON-serializable positional arguments (the broker speaks JSON only).
+    args: tuple[Any, ...] = ()
+
+
+def claim_plan(task_id: int) -> Message:
+    return Message(TASK_CLAIM_PLAN, QUEUE_PLANS, (task_id,))
+
+
+def dispatch(workspace: str) -> Message:
+    return Message(TASK_DISPATCH, QUEUE_DISPATCH, (workspace,))
+
+
+class Publisher(Protocol):
+    def publish(self, message: Message) -> str:
+        """Send ``message``; return the broker's message id."""
+        ...
+
+
+class RecordingPublisher:
+    """A publisher that keeps messages in a list (unit tests, dry runs)."""
+
+    def __init__(self) -> None:
+        self.sent: list[Message] = []
+
+    def publish(self, message: Message) -> str:
+        self.sent.append(message)
+        return f"recorded-{len(self.sent)}"

@@ -1,0 +1,167 @@
+"""Database tables: ``workspaces`` (definitions), ``tasks`` (one run each) and
+``task_events`` (one row per status transition, the audit trail).
+
+PostgreSQL is the authority. Two invariants are enforced here, not in Python:
+
+* ``uq_tasks_one_active_apply``: a partial unique index that admits at most one
+  plan+apply per workspace in an active status. Even if the Redis lock lies
+  (expired TTL, a paused holder, a restarted Redis), a second claim fails.
+* ``uq_tasks_workspace_seq``: the per-workspace queue order is unique.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    DateTime,
+    Dialect,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    TypeDecorator,
+    text,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from scheduler.states import ACTIVE_APPLY, ExecutionMode, TaskStatus, TaskType
+
+NAMING = {
+    "ix": "ix_%(table_name)s_%(column_0_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+#: BIGINT on PostgreSQL, but INTEGER on SQLite so the key aliases the rowid
+#: and autoincrements.
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC on the way in and out.
+
+    SQLite stores naive strings; without this a value read back from SQLite
+    would compare unequal to (and fail to subtract from) one from PostgreSQL.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def _in(column: str, values: Any) -> str:
+    return f"{column} IN ({', '.join(repr(str(v)) for v in sorted(values))})"
+
+
+#: The predicate of the partial unique index, shared by the model and tests.
+ACTIVE_APPLY_PREDICATE = (
+    f"type = '{TaskType.PLAN_AND_APPLY}' AND {_in('status', ACTIVE_APPLY)}"
+)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+
+
+class Workspace(Base):
+    __tablename__ = "workspaces"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    execution_mode: Mapped[str] = mapped_column(String(16), default=ExecutionMode.LOCAL)
+    auto_apply: Mapped[bool] = mapped_column(Boolean, default=False)
+    #: Terraform configuration directory (local mode).
+    source_dir: Mapped[str | None] = mapped_column(Text)
+    agent_pool: Mapped[str | None] = mapped_column(String(200))
+    #: Manual lock: holds back plan+apply tasks; plans still run.
+    locked_by: Mapped[str | None] = mapped_column(String(200))
+    lock_reason: Mapped[str | None] = mapped_column(Text)
+    locked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    #: Last queue position handed out; bumped by each submit in the same
+    #: transaction, so the row lock also orders submits per workspace.
+    task_seq: Mapped[int] = mapped_column(BigId, default=0)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    __table_args__ = (
+        CheckConstraint(_in("execution_mode", ExecutionMode), name="execution_mode"),
+    )
+
+
+class Task(Base):
+    __tablename__ = "tasks"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    workspace_id: Mapped[int] = mapped_column(ForeignKey("workspaces.id"), index=True)
+    type: Mapped[str] = mapped_column(String(32))
+    status: Mapped[str] = mapped_column(String(32), default=TaskStatus.PENDING)
+    #: FIFO order within the workspace.
+    queue_seq: Mapped[int] = mapped_column(BigId)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    #: When the task left ``pending`` (claimed).
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    #: Bumped by every claim. Executor reports must carry the current value,
+    #: so a report from a superseded executor cannot move the task.
+    fence: Mapped[int] = mapped_column(BigId, default=0)
+    executor_handle: Mapped[str | None] = mapped_column(String(300))
+    changes_add: Mapped[int | None] = mapped_column(Integer)
+    changes_change: Mapped[int | None] = mapped_column(Integer)
+    changes_destroy: Mapped[int | None] = mapped_column(Integer)
+    #: True when the plan would change anything (resources or outputs).
+    has_changes: Mapped[bool | None] = mapped_column(Boolean)
+    error: Mapped[str | None] = mapped_column(Text)
+    created_by: Mapped[str | None] = mapped_column(String(200))
+    message: Mapped[str | None] = mapped_column(Text)
+
+    __table_args__ = (
+        CheckConstraint(_in("type", TaskType), name="type"),
+        CheckConstraint(_in("status", TaskStatus), name="status"),
+        Index("uq_tasks_workspace_seq", "workspace_id", "queue_seq", unique=True),
+        Index(
+            "uq_tasks_one_active_apply",
+            "workspace_id",
+            unique=True,
+            postgresql_where=text(ACTIVE_APPLY_PREDICATE),
+            sqlite_where=text(ACTIVE_APPLY_PREDICATE),
+        ),
+        Index("ix_tasks_status_type", "status", "type"),
+    )
+
+
+class TaskEvent(Base):
+    __tablename__ = "task_events"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    task_id: Mapped[int] = mapped_column(ForeignKey("tasks.id"), index=True)
+    #: None for the creation event.
+    from_status: Mapped[str | None] = mapped_column(String(32))
+    to_status: Mapped[str] = mapped_column(String(32))
+    actor: Mapped[str] = mapped_column(String(200))
+    reason: Mapped[str | None] = mapped_column(Text)
+    fence: Mapped[int] = mapped_column(BigId)
+    at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

@@ -1,0 +1,74 @@
+"""Publish broker messages only after the database commit that makes them true.
+
+A message published before its row commits can reach a worker that does not
+see the row yet (and drops the hint); one published inside a transaction that
+then rolls back points at nothing. So messages are queued on the session and
+sent from its ``after_commit`` hook, and forgotten on rollback.
+
+If publishing fails after the commit, the work is still in the database and
+the reconciler re-sends the hint; the failure is logged, not raised, because
+the caller's transaction has already succeeded.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from sqlalchemy import event
+from sqlalchemy.orm import Session
+
+from scheduler.messages import Message, Publisher
+
+log = logging.getLogger(__name__)
+
+_PENDING = "runq.outbox"
+_HOOKED = "runq.outbox.hooked"
+
+#: Called after commit with the transitions committed; returns extra messages
+#: (the runtime uses it to wake the dispatcher when a workspace frees up).
+AfterCommit = Callable[[list[object]], list[Message]]
+_TRANSITIONS = "runq.transitions"
+
+
+def attach(session: Session, publisher: Publisher, after_commit: AfterCommit | None = None) -> None:
+    """Install the hooks on ``session`` once (idempotent)."""
+    if session.info.get(_HOOKED):
+        return
+    session.info[_HOOKED] = True
+
+    def _send(sess: Session) -> None:
+        messages: list[Message] = sess.info.pop(_PENDING, [])
+        transitions: list[object] = sess.info.pop(_TRANSITIONS, [])
+        if after_commit is not None and transitions:
+            messages.extend(after_commit(transitions))
+        seen: set[Message] = set()
+        for message in messages:
+            if message in seen:  # one wake-up per workspace per commit is enough
+                continue
+            seen.add(message)
+            try:
+                publisher.publish(message)
+            except Exception:
+                log.exception(
+                    "publishing %s%s failed after commit; the reconciler will re-send it",
+                    message.task,
+                    message.args,
+                    extra={"action": "publish_failed", "message_task": message.task},
+                )
+
+    def _drop(sess: Session) -> None:
+        sess.info.pop(_PENDING, None)
+        sess.info.pop(_TRANSITIONS, None)
+
+    event.listen(session, "after_commit", _send)
+    event.listen(session, "after_rollback", _drop)
+
+
+def add(session: Session, message: Message) -> None:
+    """Queue ``message`` to be published when ``session`` commits."""
+    session.info.setdefault(_PENDING, []).append(message)
+
+
+def record_transition(session: Session, transition: object) -> None:
+    session.info.setdefault(_TRANSITIONS, []).append(transition)

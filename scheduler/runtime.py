@@ -1,0 +1,94 @@
+"""The runtime: settings plus the connections built from them, once.
+
+Entry points build one :class:`Runtime` (the CLI per command, a Celery worker
+per child process) and pass it down. Connections are opened lazily, so
+building a runtime never touches the network.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import TYPE_CHECKING
+
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from scheduler import messages, outbox
+from scheduler.db import make_engine, make_sessionmaker
+from scheduler.messages import Message, Publisher
+from scheduler.settings import Settings
+from scheduler.states import TERMINAL, DispatchMode, TaskStatus, TaskType
+
+if TYPE_CHECKING:
+    from redis import Redis
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    publisher: Publisher
+    #: Who this process is in event rows ("worker@host:pid", "cli:alice").
+    actor: str = "runq"
+    _engine: Engine | None = field(default=None, repr=False)
+
+    @property
+    def engine(self) -> Engine:
+        if self._engine is None:
+            self._engine = make_engine(self.settings.resolved_database_url)
+        return self._engine
+
+    @cached_property
+    def sessions(self) -> sessionmaker[Session]:
+        return make_sessionmaker(self.engine)
+
+    @cached_property
+    def redis(self) -> Redis:
+        from redis import Redis
+
+        return Redis.from_url(self.settings.redis_url, socket_timeout=10)
+
+    def attach(self, session: Session) -> None:
+        """Make ``session`` publish runq's messages when it commits."""
+        outbox.attach(session, self.publisher, self._wakeups)
+
+    @contextmanager
+    def transaction(self) -> Iterator[Session]:
+        """A session in a transaction, committed on success."""
+        with self.sessions() as session:
+            self.attach(session)
+            with session.begin():
+                yield session
+
+    def _wakeups(self, transitions: list[object]) -> list[Message]:
+        """Messages owed after these transitions committed.
+
+        The dispatcher is woken the moment a workspace may have a next step:
+        a plan+apply ended (its slot is free) or was confirmed (its apply can
+        be claimed). In legacy mode every task holds the workspace, so the end
+        of any task wakes it. Plans in the new mode never touch the dispatcher.
+        """
+        from scheduler.transitions import Transition
+
+        legacy = self.settings.dispatch_mode is DispatchMode.LEGACY
+        workspaces: set[str] = set()
+        for t in transitions:
+            if not isinstance(t, Transition):
+                continue
+            holds_workspace = legacy or t.type is TaskType.PLAN_AND_APPLY
+            if holds_workspace and (
+                t.to_status in TERMINAL or t.to_status is TaskStatus.APPLY_QUEUED
+            ):
+                workspaces.add(t.workspace)
+        return [messages.dispatch(name) for name in sorted(workspaces)]
+
+    def close(self) -> None:
+        if self._engine is not None:
+            self._engine.dispose()
+            self._engine = None
+        if "redis" in self.__dict__:
+            self.redis.close()
+            del self.__dict__["redis"]
+        self.__dict__.pop("sessions", None)

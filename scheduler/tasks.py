@@ -1,0 +1,217 @@
+"""What users do to tasks: submit, confirm, discard, cancel, and read them."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from scheduler import messages, outbox
+from scheduler.errors import IllegalTransition, InvalidInput, NotImplementedYet, TaskNotFound
+from scheduler.models import Task, TaskEvent, Workspace, utcnow
+from scheduler.runtime import Runtime
+from scheduler.states import DispatchMode, ExecutionMode, TaskStatus, TaskType
+from scheduler.transitions import transition
+from scheduler.views import EventView, TaskView
+from scheduler.workspaces import load as load_workspace
+
+log = logging.getLogger(__name__)
+
+
+def parse_type(value: str) -> TaskType:
+    try:
+        return TaskType(value)
+    except ValueError:
+        types = ", ".join(t.value for t in TaskType)
+        raise InvalidInput(f"unknown task type {value!r}; expected one of: {types}") from None
+
+
+def parse_status(value: str) -> TaskStatus:
+    try:
+        return TaskStatus(value)
+    except ValueError:
+        names = ", ".join(s.value for s in TaskStatus)
+        raise InvalidInput(f"unknown status {value!r}; expected one of: {names}") from None
+
+
+def submit(
+    rt: Runtime,
+    workspace: str,
+    task_type: TaskType | str,
+    *,
+    message: str | None = None,
+    created_by: str | None = None,
+    session: Session | None = None,
+) -> TaskView:
+    """Queue a task. Its broker message is published only after the commit.
+
+    With ``session``, the task is inserted in the caller's own transaction
+    (commit or roll back as you like; nothing is published unless it
+    commits). Without, runq commits it in a transaction of its own.
+    """
+    kind = parse_type(str(task_type))
+    if session is None:
+        with rt.transaction() as s:
+            return _submit(rt, s, workspace, kind, message, created_by)
+    rt.attach(session)
+    return _submit(rt, session, workspace, kind, message, created_by)
+
+
+def _submit(
+    rt: Runtime,
+    s: Session,
+    workspace: str,
+    kind: TaskType,
+    message: str | None,
+    created_by: str | None,
+) -> TaskView:
+    ws = load_workspace(s, workspace)
+    if ws.execution_mode != ExecutionMode.LOCAL:
+        raise NotImplementedYet(
+            f"workspace {workspace!r} uses execution mode {ws.execution_mode!r}, "
+            "which is not implemented yet; only 'local' runs today"
+        )
+    # Bumping the counter row-locks the workspace until commit, so queue
+    # positions are handed out in commit order within a workspace.
+    seq = s.execute(
+        update(Workspace)
+        .where(Workspace.id == ws.id)
+        .values(task_seq=Workspace.task_seq + 1)
+        .returning(Workspace.task_seq)
+        .execution_options(synchronize_session=False)
+    ).scalar_one()
+    task = Task(
+        workspace_id=ws.id,
+        type=kind,
+        status=TaskStatus.PENDING,
+        queue_seq=seq,
+        fence=0,
+        created_by=created_by,
+        message=message,
+        created_at=utcnow(),
+    )
+    s.add(task)
+    s.flush()
+    s.add(
+        TaskEvent(
+            task_id=task.id,
+            from_status=None,
+            to_status=TaskStatus.PENDING,
+            actor=created_by or rt.actor,
+            reason="submitted",
+            fence=0,
+            at=task.created_at,
+        )
+    )
+    if kind is TaskType.PLAN and rt.settings.dispatch_mode is DispatchMode.NEW:
+        outbox.add(s, messages.claim_plan(task.id))
+    else:
+        outbox.add(s, messages.dispatch(workspace))
+    s.flush()
+    log.info(
+        "task %s submitted: %s in %s (queue position %s)",
+        task.id,
+        kind,
+        workspace,
+        seq,
+        extra={"action": "submitted", "task_id": task.id, "workspace": workspace},
+    )
+    return TaskView.of(task, workspace)
+
+
+def _load(s: Session, task_id: int) -> tuple[Task, str]:
+    row = s.execute(
+        select(Task, Workspace.name)
+        .join(Workspace, Workspace.id == Task.workspace_id)
+        .where(Task.id == task_id)
+    ).one_or_none()
+    if row is None:
+        raise TaskNotFound(f"task {task_id} does not exist")
+    return row[0], row[1]
+
+
+def get(rt: Runtime, task_id: int) -> TaskView:
+    with rt.sessions() as s:
+        task, ws = _load(s, task_id)
+        return TaskView.of(task, ws)
+
+
+def list_tasks(
+    rt: Runtime,
+    *,
+    workspace: str | None = None,
+    statuses: Sequence[TaskStatus] = (),
+    limit: int = 200,
+) -> list[TaskView]:
+    with rt.sessions() as s:
+        q = select(Task, Workspace.name).join(Workspace, Workspace.id == Task.workspace_id)
+        if workspace is not None:
+            q = q.where(Task.workspace_id == load_workspace(s, workspace).id)
+        if statuses:
+            q = q.where(Task.status.in_([str(x) for x in statuses]))
+        q = q.order_by(Task.id.desc()).limit(limit)
+        return [TaskView.of(t, name) for t, name in s.execute(q).all()]
+
+
+def events(rt: Runtime, task_ids: Sequence[int] | None = None) -> list[EventView]:
+    with rt.sessions() as s:
+        q = select(TaskEvent).order_by(TaskEvent.id)
+        if task_ids is not None:
+            q = q.where(TaskEvent.task_id.in_(task_ids))
+        return [EventView.of(e) for e in s.scalars(q)]
+
+
+def _act(
+    rt: Runtime,
+    task_id: int,
+    to: TaskStatus,
+    expect: frozenset[TaskStatus],
+    actor: str | None,
+    verb: str,
+    reason: str | None,
+) -> TaskView:
+    with rt.transaction() as s:
+        task, ws = _load(s, task_id)
+        current = TaskStatus(task.status)
+        if current not in expect:
+            if task.type == TaskType.PLAN and verb in {"confirm", "discard"}:
+                detail = "it is a plan task; only plan_and_apply tasks wait for confirmation"
+            else:
+                detail = f"it is {current}; {verb} needs {' or '.join(sorted(expect))}"
+            raise IllegalTransition(f"cannot {verb} task {task_id}: {detail}")
+        transition(s, task_id, to, actor=actor or rt.actor, reason=reason or verb, expect=expect)
+        s.refresh(task)
+        view = TaskView.of(task, ws)
+    log.info("task %s: %s -> %s", task_id, verb, to, extra={"action": verb, "task_id": task_id})
+    return view
+
+
+def confirm(rt: Runtime, task_id: int, *, actor: str | None = None) -> TaskView:
+    """Approve a planned plan+apply; the dispatcher then claims its apply."""
+    return _act(
+        rt, task_id, TaskStatus.APPLY_QUEUED, frozenset({TaskStatus.APPLY_PENDING}), actor,
+        "confirm", "confirmed",
+    )
+
+
+def discard(
+    rt: Runtime, task_id: int, *, actor: str | None = None, reason: str | None = None
+) -> TaskView:
+    """Reject a planned plan+apply; the workspace moves on to its next one."""
+    return _act(
+        rt, task_id, TaskStatus.DISCARDED, frozenset({TaskStatus.APPLY_PENDING}), actor,
+        "discard", reason,
+    )
+
+
+#: Cancelling a running phase needs a signal to its executor (a later issue);
+#: until then only tasks that are not running can be cancelled.
+CANCELLABLE = frozenset({TaskStatus.PENDING, TaskStatus.APPLY_PENDING, TaskStatus.APPLY_QUEUED})
+
+
+def cancel(
+    rt: Runtime, task_id: int, *, actor: str | None = None, reason: str | None = None
+) -> TaskView:
+    return _act(rt, task_id, TaskStatus.CANCELLED, CANCELLABLE, actor, "cancel", reason)

@@ -1,0 +1,131 @@
+"""The one function that changes a task's status.
+
+Each call is a compare-and-set: read the row, check the move against
+:data:`scheduler.states.TRANSITIONS`, then ``UPDATE ... WHERE id = :id AND
+status = :seen AND fence = :seen_fence``. Zero rows updated means another
+actor moved the task in between (:class:`ConcurrentChange`); the caller's
+transaction is untouched and nothing was written. An event row is inserted in
+the same transaction as the change.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from scheduler import outbox
+from scheduler.errors import ConcurrentChange, IllegalTransition, StaleFence, TaskNotFound
+from scheduler.models import Task, TaskEvent, Workspace, utcnow
+from scheduler.states import TERMINAL, TaskStatus, TaskType, allowed
+
+
+@dataclass(frozen=True)
+class Transition:
+    """A committed (or about to be committed) status change."""
+
+    task_id: int
+    workspace_id: int
+    workspace: str
+    type: TaskType
+    from_status: TaskStatus
+    to_status: TaskStatus
+    fence: int
+    at: datetime
+
+
+def transition(
+    session: Session,
+    task_id: int,
+    to: TaskStatus,
+    *,
+    actor: str,
+    reason: str | None = None,
+    expect: Collection[TaskStatus] | None = None,
+    fence: int | None = None,
+    new_fence: bool = False,
+    values: Mapping[str, Any] | None = None,
+) -> Transition:
+    """Move task ``task_id`` to ``to``; return what happened.
+
+    ``expect``: the statuses the caller believes the task is in (a confirm
+    expects ``apply_pending``); anything else is an :class:`IllegalTransition`.
+    ``fence``: an executor's report must hold the current fencing token, else
+    :class:`StaleFence`. ``new_fence``: a claim hands out a new token, which
+    invalidates every report from earlier holders. ``values``: other columns
+    written by the same UPDATE (plan summary, error message).
+
+    Raises :class:`TaskNotFound`, :class:`IllegalTransition`,
+    :class:`StaleFence` or :class:`ConcurrentChange` (also when the partial
+    unique index refuses a second active plan+apply), having written nothing.
+    """
+    row = session.execute(
+        select(
+            Task.status, Task.type, Task.fence, Task.workspace_id, Task.started_at, Workspace.name
+        )
+        .join(Workspace, Workspace.id == Task.workspace_id)
+        .where(Task.id == task_id)
+    ).one_or_none()
+    if row is None:
+        raise TaskNotFound(f"task {task_id} does not exist")
+    current, task_type = TaskStatus(row.status), TaskType(row.type)
+
+    if fence is not None and row.fence != fence:
+        raise StaleFence(
+            f"task {task_id}: report holds fence {fence}, the task holds {row.fence}"
+        )
+    if (expect is not None and current not in expect) or to not in allowed(task_type, current):
+        raise IllegalTransition(
+            f"task {task_id} ({task_type}) is {current}; it cannot become {to}"
+        )
+
+    now = utcnow()
+    new_values: dict[str, Any] = dict(values or {})
+    new_values["status"] = to
+    if row.started_at is None and current is TaskStatus.PENDING:
+        new_values["started_at"] = now
+    if to in TERMINAL:
+        new_values["finished_at"] = now
+    if new_fence:
+        new_values["fence"] = Task.fence + 1
+
+    stmt = (
+        update(Task)
+        .where(Task.id == task_id, Task.status == current, Task.fence == row.fence)
+        .values(**new_values)
+        .returning(Task.fence)
+        .execution_options(synchronize_session=False)
+    )
+    try:
+        # A savepoint, so a refused claim leaves the caller's transaction usable.
+        with session.begin_nested():
+            new_fence_value = session.execute(stmt).scalar_one_or_none()
+    except IntegrityError as exc:
+        raise ConcurrentChange(
+            f"task {task_id}: another plan+apply is active in its workspace"
+        ) from exc
+    if new_fence_value is None:
+        raise ConcurrentChange(f"task {task_id} changed while moving it to {to}")
+
+    session.add(
+        TaskEvent(
+            task_id=task_id,
+            from_status=current,
+            to_status=to,
+            actor=actor,
+            reason=reason,
+            fence=new_fence_value,
+            at=now,
+        )
+    )
+    session.flush()
+    done = Transition(
+        task_id, row.workspace_id, row.name, task_type, current, to, new_fence_value, now
+    )
+    outbox.record_transition(session, done)
+    return done

@@ -1,0 +1,157 @@
+"""Frozen views of rows, for callers outside a session (CLI, API, tests)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from scheduler.models import Task, TaskEvent, Workspace
+from scheduler.states import ExecutionMode, TaskStatus, TaskType
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
+@dataclass(frozen=True)
+class WorkspaceView:
+    name: str
+    execution_mode: ExecutionMode
+    auto_apply: bool
+    source_dir: str | None
+    agent_pool: str | None
+    locked_by: str | None
+    lock_reason: str | None
+    locked_at: datetime | None
+
+    @classmethod
+    def of(cls, ws: Workspace) -> WorkspaceView:
+        return cls(
+            name=ws.name,
+            execution_mode=ExecutionMode(ws.execution_mode),
+            auto_apply=ws.auto_apply,
+            source_dir=ws.source_dir,
+            agent_pool=ws.agent_pool,
+            locked_by=ws.locked_by,
+            lock_reason=ws.lock_reason,
+            locked_at=ws.locked_at,
+        )
+
+    @property
+    def locked(self) -> bool:
+        return self.locked_by is not None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "execution_mode": str(self.execution_mode),
+            "auto_apply": self.auto_apply,
+            "source_dir": self.source_dir,
+            "agent_pool": self.agent_pool,
+            "locked": self.locked,
+            "locked_by": self.locked_by,
+            "lock_reason": self.lock_reason,
+            "locked_at": _iso(self.locked_at),
+        }
+
+
+@dataclass(frozen=True)
+class TaskView:
+    id: int
+    workspace: str
+    type: TaskType
+    status: TaskStatus
+    queue_seq: int
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    fence: int
+    executor_handle: str | None
+    add: int | None
+    change: int | None
+    destroy: int | None
+    has_changes: bool | None
+    error: str | None
+    created_by: str | None
+    message: str | None
+
+    @classmethod
+    def of(cls, task: Task, workspace: str) -> TaskView:
+        return cls(
+            id=task.id,
+            workspace=workspace,
+            type=TaskType(task.type),
+            status=TaskStatus(task.status),
+            queue_seq=task.queue_seq,
+            created_at=task.created_at,
+            started_at=task.started_at,
+            finished_at=task.finished_at,
+            fence=task.fence,
+            executor_handle=task.executor_handle,
+            add=task.changes_add,
+            change=task.changes_change,
+            destroy=task.changes_destroy,
+            has_changes=task.has_changes,
+            error=task.error,
+            created_by=task.created_by,
+            message=task.message,
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        changes = (
+            None
+            if self.add is None
+            else {"add": self.add, "change": self.change, "destroy": self.destroy}
+        )
+        return {
+            "id": self.id,
+            "workspace": self.workspace,
+            "type": str(self.type),
+            "status": str(self.status),
+            "queue_position": self.queue_seq,
+            "created_at": _iso(self.created_at),
+            "started_at": _iso(self.started_at),
+            "finished_at": _iso(self.finished_at),
+            "changes": changes,
+            "has_changes": self.has_changes,
+            "error": self.error,
+            "created_by": self.created_by,
+            "message": self.message,
+            "fence": self.fence,
+            "executor_handle": self.executor_handle,
+        }
+
+
+@dataclass(frozen=True)
+class EventView:
+    task_id: int
+    from_status: TaskStatus | None
+    to_status: TaskStatus
+    actor: str
+    reason: str | None
+    fence: int
+    at: datetime
+
+    @classmethod
+    def of(cls, ev: TaskEvent) -> EventView:
+        return cls(
+            task_id=ev.task_id,
+            from_status=TaskStatus(ev.from_status) if ev.from_status else None,
+            to_status=TaskStatus(ev.to_status),
+            actor=ev.actor,
+            reason=ev.reason,
+            fence=ev.fence,
+            at=ev.at,
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "task_id": self.task_id,
+            "from": str(self.from_status) if self.from_status else None,
+            "to": str(self.to_status),
+            "actor": self.actor,
+            "reason": self.reason,
+            "fence": self.fence,
+            "at": _iso(self.at),
+        }

