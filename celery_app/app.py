@@ -35,10 +35,11 @@ def settings() -> Settings:
 
 def use_settings(value: Settings) -> None:
     """Configure this process explicitly (tests, the demo) before first use."""
-    global _settings, _runtime  # noqa: PLW0603
+    global _settings, _runtime
     _settings, _runtime = value, None
-    if app.configured:
-        app.conf.update(celery_config(value))
+    # Configures the app now if it was not yet (through _configure, with the
+    # new settings); updates it if it was.
+    app.conf.update(celery_config(value))
 
 
 @app.on_configure.connect

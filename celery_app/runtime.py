@@ -24,7 +24,9 @@ class CeleryPublisher:
         return str(result.id)
 
 
-def build_runtime(app: Celery, settings: Settings | None = None, actor: str | None = None) -> Runtime:
+def build_runtime(
+    app: Celery, settings: Settings | None = None, actor: str | None = None
+) -> Runtime:
     settings = settings or Settings()
     return Runtime(
         settings=settings,

@@ -32,8 +32,11 @@ def _guarded(what: str, fn: Callable[[Runtime], object]) -> None:
     try:
         fn(runtime())
     except Exception:
-        log.exception("%s failed; the reconciler will retry what is still owed", what,
-                      extra={"action": "task_error", "what": what})
+        log.exception(
+            "%s failed; the reconciler will retry what is still owed",
+            what,
+            extra={"action": "task_error", "what": what},
+        )
 
 
 @app.task(name=TASK_CLAIM_PLAN, acks_late=True, reject_on_worker_lost=True)

@@ -38,7 +38,9 @@ class FakeRunner:
         self.ran.append(handoff)
         if self.duration:
             time.sleep(self.duration)
-        reporter.report(Finished(handoff.task_id, handoff.fence, handoff.phase, self.script(handoff)))
+        reporter.report(
+            Finished(handoff.task_id, handoff.fence, handoff.phase, self.script(handoff))
+        )
 
 
 @dataclass

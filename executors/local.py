@@ -55,9 +55,7 @@ class LocalLauncher:
         self.publisher = publisher
 
     def launch(self, handoff: Handoff) -> str:
-        message_id = self.publisher.publish(
-            Message(TASK_EXECUTE, QUEUE_RUNS, (handoff.to_json(),))
-        )
+        message_id = self.publisher.publish(Message(TASK_EXECUTE, QUEUE_RUNS, (handoff.to_json(),)))
         return f"celery:{message_id}"
 
 
@@ -150,7 +148,7 @@ class LocalRunner:
             shutil.rmtree(paths.work)  # a re-claimed plan starts from a clean copy
         shutil.copytree(handoff.source_dir, paths.work, ignore=IGNORED)
         (paths.work / OVERRIDE_FILE).write_text(
-            'terraform {\n  backend "local" {\n    path = "%s"\n  }\n}\n' % STATE_FILE
+            f'terraform {{\n  backend "local" {{\n    path = "{STATE_FILE}"\n  }}\n}}\n'
         )
         self._snapshot_state(paths)
         self._terraform(paths, env, "init", ["-input=false", "-no-color"])

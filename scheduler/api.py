@@ -1,16 +1,16 @@
 """The Python API for application code.
 
-    from scheduler.api import Client
+from scheduler.api import Client
 
-    client = Client.from_env()
-    task = client.submit("networking", "plan_and_apply", message="bump vpc")
-    client.wait([task.id])
+client = Client.from_env()
+task = client.submit("networking", "plan_and_apply", message="bump vpc")
+client.wait([task.id])
 
-    # or inside your own transaction (same database as runq):
-    with client.session() as s, s.begin():
-        s.add(my_row)
-        client.submit("networking", "plan", session=s)
-    # the task's message is published only if that transaction commits
+# or inside your own transaction (same database as runq):
+with client.session() as s, s.begin():
+    s.add(my_row)
+    client.submit("networking", "plan", session=s)
+# the task's message is published only if that transaction commits
 """
 
 from __future__ import annotations
@@ -61,7 +61,11 @@ class Client:
         agent_pool: str | None = None,
     ) -> WorkspaceView:
         return workspaces.create(
-            self.runtime, name, mode=mode, source_dir=source_dir, auto_apply=auto_apply,
+            self.runtime,
+            name,
+            mode=mode,
+            source_dir=source_dir,
+            auto_apply=auto_apply,
             agent_pool=agent_pool,
         )
 
@@ -75,8 +79,12 @@ class Client:
         session: Session | None = None,
     ) -> TaskView:
         return tasks.submit(
-            self.runtime, workspace, task_type, message=message,
-            created_by=created_by or self.runtime.actor, session=session,
+            self.runtime,
+            workspace,
+            task_type,
+            message=message,
+            created_by=created_by or self.runtime.actor,
+            session=session,
         )
 
     def get(self, task_id: int) -> TaskView:

@@ -20,7 +20,7 @@ import click
 
 from scheduler.errors import NotFound, SchedulerError
 from scheduler.settings import Settings
-from scheduler.states import ExecutionMode, TaskType
+from scheduler.states import ExecutionMode
 from scheduler.views import EventView, TaskView, WorkspaceView
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -34,7 +34,7 @@ class Output:
     def __init__(self, as_json: bool) -> None:
         self.as_json = as_json
 
-    def emit(self, data: Any, human: Callable[[], None]) -> None:
+    def emit(self, data: Any, human: Callable[[], object]) -> None:
         if self.as_json:
             click.echo(json.dumps(data, indent=2, sort_keys=True))
         else:
@@ -89,7 +89,9 @@ def client() -> Any:
 def main(verbose: int) -> None:
     """runq: plans run free, plan+apply is serialized per workspace."""
     level = {0: logging.WARNING, 1: logging.INFO}.get(verbose, logging.DEBUG)
-    logging.basicConfig(level=level, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=level, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s"
+    )
 
 
 # ---------------------------------------------------------------- db
@@ -144,7 +146,11 @@ def _print_workspace(ws: WorkspaceView) -> None:
 @click.option("--auto-apply", is_flag=True, help="Apply without waiting for confirmation.")
 @click.option("--agent-pool", help="Agent pool name (agent mode).")
 def create(
-    out: Output, name: str, mode: str, source_dir: str | None, auto_apply: bool,
+    out: Output,
+    name: str,
+    mode: str,
+    source_dir: str | None,
+    auto_apply: bool,
     agent_pool: str | None,
 ) -> None:
     """Create workspace NAME."""
@@ -160,7 +166,7 @@ def list_workspaces(out: Output) -> None:
     from scheduler import workspaces
 
     items = workspaces.list_all(client().runtime)
-    out.emit([w.to_json() for w in items], lambda: [_print_workspace(w) for w in items])
+    out.emit([w.to_json() for w in items], lambda: list(map(_print_workspace, items)))
 
 
 @command(workspace)
@@ -240,13 +246,17 @@ def show(out: Output, task_id: int) -> None:
 @click.option("--workspace", "workspace_name", help="Only this workspace.")
 @click.option("--status", "statuses", multiple=True, help="Only these statuses (repeatable).")
 @click.option("--limit", default=200, show_default=True)
-def list_cmd(out: Output, workspace_name: str | None, statuses: tuple[str, ...], limit: int) -> None:
+def list_cmd(
+    out: Output, workspace_name: str | None, statuses: tuple[str, ...], limit: int
+) -> None:
     """List tasks, newest first."""
     from scheduler import tasks
 
     parsed = [tasks.parse_status(s) for s in statuses]
-    items = tasks.list_tasks(client().runtime, workspace=workspace_name, statuses=parsed, limit=limit)
-    out.emit([t.to_json() for t in items], lambda: [_print_task(t) for t in items])
+    items = tasks.list_tasks(
+        client().runtime, workspace=workspace_name, statuses=parsed, limit=limit
+    )
+    out.emit([t.to_json() for t in items], lambda: list(map(_print_task, items)))
 
 
 @command(main)
@@ -299,13 +309,17 @@ def logs(out: Output, task_id: int) -> None:
 def wait(out: Output, task_ids: tuple[int, ...], timeout: float | None) -> None:
     """Wait until every task is finished or waiting for confirmation."""
     views = client().wait(task_ids, timeout=timeout)
-    out.emit([v.to_json() for v in views], lambda: [_print_task(v) for v in views])
+    out.emit([v.to_json() for v in views], lambda: list(map(_print_task, views)))
 
 
 @command(main)
 @click.option("--workers", default=2, show_default=True, help="Celery worker processes.")
-@click.option("--data-dir", type=click.Path(path_type=Path), default=None,
-              help="Where the demo keeps its files (default: $RUNQ_DATA_DIR or ./.runq).")
+@click.option(
+    "--data-dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Where the demo keeps its files (default: $RUNQ_DATA_DIR or ./.runq).",
+)
 def demo(out: Output, workers: int, data_dir: Path | None) -> None:
     """Run a mixed scenario end to end and print per-workspace timelines."""
     from scheduler.demo import run_demo

@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session
 
 from executors import launcher_for
 from executors.base import Handoff
-from scheduler.errors import ConcurrentChange, SchedulerError
+from scheduler.errors import ConcurrentChange
 from scheduler.locks import workspace_lock
 from scheduler.models import Task, Workspace
 from scheduler.runtime import Runtime
@@ -167,7 +167,9 @@ def claim_plan(rt: Runtime, task_id: int) -> Decision:
         except ConcurrentChange as exc:
             return _log(Decision(ws.name, "skipped", f"lost race: {exc}", task_id))
     hand_off(rt, handoff)
-    return _log(Decision(ws.name, "claimed_plan", "plan tasks take no lock", task_id, handoff.fence))
+    return _log(
+        Decision(ws.name, "claimed_plan", "plan tasks take no lock", task_id, handoff.fence)
+    )
 
 
 def dispatch(rt: Runtime, workspace: str) -> Decision:

@@ -24,9 +24,7 @@ def lock_key(workspace: str) -> str:
 
 
 @contextmanager
-def workspace_lock(
-    redis: Redis, workspace: str, *, ttl: float, wait: float
-) -> Iterator[bool]:
+def workspace_lock(redis: Redis, workspace: str, *, ttl: float, wait: float) -> Iterator[bool]:
     """Yield True while holding the lock, False if it stayed busy for ``wait`` s.
 
     The lock is token-owned (redis-py's ``Lock``): releasing checks the token

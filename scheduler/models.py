@@ -79,9 +79,7 @@ def _in(column: str, values: Any) -> str:
 
 
 #: The predicate of the partial unique index, shared by the model and tests.
-ACTIVE_APPLY_PREDICATE = (
-    f"type = '{TaskType.PLAN_AND_APPLY}' AND {_in('status', ACTIVE_APPLY)}"
-)
+ACTIVE_APPLY_PREDICATE = f"type = '{TaskType.PLAN_AND_APPLY}' AND {_in('status', ACTIVE_APPLY)}"
 
 
 class Base(DeclarativeBase):
@@ -107,9 +105,7 @@ class Workspace(Base):
     task_seq: Mapped[int] = mapped_column(BigId, default=0)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
-    __table_args__ = (
-        CheckConstraint(_in("execution_mode", ExecutionMode), name="execution_mode"),
-    )
+    __table_args__ = (CheckConstraint(_in("execution_mode", ExecutionMode), name="execution_mode"),)
 
 
 class Task(Base):

@@ -9,8 +9,9 @@ and logged, and changes nothing.
 from __future__ import annotations
 
 import logging
+from typing import Any, cast
 
-from sqlalchemy import select, update
+from sqlalchemy import CursorResult, select, update
 
 from executors.base import Finished, PhaseResult, Report, Started
 from scheduler.errors import ConcurrentChange, IllegalTransition, TaskNotFound
@@ -22,7 +23,9 @@ from scheduler.transitions import transition
 log = logging.getLogger(__name__)
 
 
-def next_status(task_type: TaskType, phase: Phase, result: PhaseResult, auto_apply: bool) -> TaskStatus:
+def next_status(
+    task_type: TaskType, phase: Phase, result: PhaseResult, auto_apply: bool
+) -> TaskStatus:
     """Where a finished phase takes the task: the plan's outcome decides."""
     if not result.ok:
         return TaskStatus.FAILED
@@ -62,7 +65,7 @@ def _started(rt: Runtime, report: Started) -> bool:
         # At most one executor starts a claimed phase: the handle is empty
         # until the first start report fills it, so a redelivered or
         # duplicated launch message finds it taken and must not run.
-        updated = s.execute(
+        result = s.execute(
             update(Task)
             .where(
                 Task.id == report.task_id,
@@ -72,8 +75,8 @@ def _started(rt: Runtime, report: Started) -> bool:
             )
             .values(executor_handle=report.handle)
             .execution_options(synchronize_session=False)
-        ).rowcount
-    if updated != 1:
+        )
+    if cast("CursorResult[Any]", result).rowcount != 1:
         return _reject(report, f"task is not {expected} under this fence, or already started")
     log.info(
         "task %s %s started on %s",

@@ -191,8 +191,13 @@ def _act(
 def confirm(rt: Runtime, task_id: int, *, actor: str | None = None) -> TaskView:
     """Approve a planned plan+apply; the dispatcher then claims its apply."""
     return _act(
-        rt, task_id, TaskStatus.APPLY_QUEUED, frozenset({TaskStatus.APPLY_PENDING}), actor,
-        "confirm", "confirmed",
+        rt,
+        task_id,
+        TaskStatus.APPLY_QUEUED,
+        frozenset({TaskStatus.APPLY_PENDING}),
+        actor,
+        "confirm",
+        "confirmed",
     )
 
 
@@ -201,8 +206,13 @@ def discard(
 ) -> TaskView:
     """Reject a planned plan+apply; the workspace moves on to its next one."""
     return _act(
-        rt, task_id, TaskStatus.DISCARDED, frozenset({TaskStatus.APPLY_PENDING}), actor,
-        "discard", reason,
+        rt,
+        task_id,
+        TaskStatus.DISCARDED,
+        frozenset({TaskStatus.APPLY_PENDING}),
+        actor,
+        "discard",
+        reason,
     )
 
 

@@ -76,13 +76,9 @@ def transition(
     current, task_type = TaskStatus(row.status), TaskType(row.type)
 
     if fence is not None and row.fence != fence:
-        raise StaleFence(
-            f"task {task_id}: report holds fence {fence}, the task holds {row.fence}"
-        )
+        raise StaleFence(f"task {task_id}: report holds fence {fence}, the task holds {row.fence}")
     if (expect is not None and current not in expect) or to not in allowed(task_type, current):
-        raise IllegalTransition(
-            f"task {task_id} ({task_type}) is {current}; it cannot become {to}"
-        )
+        raise IllegalTransition(f"task {task_id} ({task_type}) is {current}; it cannot become {to}")
 
     now = utcnow()
     new_values: dict[str, Any] = dict(values or {})
