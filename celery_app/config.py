@@ -53,5 +53,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
                 "options": {"queue": QUEUE_DISPATCH, "expires": settings.reconcile_interval},
             }
         },
+        # Beat's bookkeeping lives with runq's other files, not in the cwd.
+        "beat_schedule_filename": str(settings.data_dir.resolve() / "celerybeat-schedule"),
         "worker_hijack_root_logger": True,
     }

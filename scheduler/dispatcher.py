@@ -60,15 +60,16 @@ class Decision:
         return self.action.startswith("claimed")
 
 
-def _log(decision: Decision, **extra: object) -> Decision:
+def _log(decision: Decision, verb: str = "dispatch", **extra: object) -> Decision:
     log.info(
-        "dispatch %s: %s%s (%s)",
+        "%s %s: %s%s (%s)",
+        verb,
         decision.workspace,
         decision.action,
         f" task {decision.task_id}" if decision.task_id is not None else "",
         decision.reason,
         extra={
-            "action": f"dispatch_{decision.action}",
+            "action": f"{verb}_{decision.action}",
             "workspace": decision.workspace,
             "task_id": decision.task_id,
             "reason": decision.reason,
@@ -154,21 +155,30 @@ def claim_plan(rt: Runtime, task_id: int) -> Decision:
             .where(Task.id == task_id)
         ).one_or_none()
         if row is None:
-            return _log(Decision("?", "skipped", f"task {task_id} does not exist", task_id))
+            return _log(
+                verb="claim",
+                decision=Decision("?", "skipped", f"task {task_id} does not exist", task_id),
+            )
         task, ws = row.tuple()
         if task.type != TaskType.PLAN:
-            return _log(Decision(ws.name, "skipped", "not a plan task", task_id))
+            return _log(
+                verb="claim", decision=Decision(ws.name, "skipped", "not a plan task", task_id)
+            )
         if task.status != TaskStatus.PENDING:
             return _log(
-                Decision(ws.name, "skipped", f"already {task.status} (late or duplicate)", task_id)
+                Decision(ws.name, "skipped", f"already {task.status} (late or duplicate)", task_id),
+                verb="claim",
             )
         try:
             handoff = _claim(rt, s, task, ws, TaskStatus.PLANNING, "plan claimed")
         except ConcurrentChange as exc:
-            return _log(Decision(ws.name, "skipped", f"lost race: {exc}", task_id))
+            return _log(
+                verb="claim", decision=Decision(ws.name, "skipped", f"lost race: {exc}", task_id)
+            )
     hand_off(rt, handoff)
     return _log(
-        Decision(ws.name, "claimed_plan", "plan tasks take no lock", task_id, handoff.fence)
+        Decision(ws.name, "claimed_plan", "plan tasks take no lock", task_id, handoff.fence),
+        verb="claim",
     )
 
 

@@ -16,7 +16,7 @@ import logging
 from collections.abc import Callable
 
 from sqlalchemy import event
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, SessionTransaction
 
 from scheduler.messages import Message, Publisher
 
@@ -38,6 +38,10 @@ def attach(session: Session, publisher: Publisher, after_commit: AfterCommit | N
     session.info[_HOOKED] = True
 
     def _send(sess: Session) -> None:
+        # after_commit also fires when a SAVEPOINT is released (every
+        # transition() uses one); only the root commit makes rows visible.
+        if sess.in_nested_transaction():
+            return
         messages: list[Message] = sess.info.pop(_PENDING, [])
         transitions: list[object] = sess.info.pop(_TRANSITIONS, [])
         if after_commit is not None and transitions:
@@ -57,12 +61,17 @@ def attach(session: Session, publisher: Publisher, after_commit: AfterCommit | N
                     extra={"action": "publish_failed", "message_task": message.task},
                 )
 
-    def _drop(sess: Session) -> None:
-        sess.info.pop(_PENDING, None)
-        sess.info.pop(_TRANSITIONS, None)
+    def _drop(sess: Session, transaction: SessionTransaction) -> None:
+        # Only the end of the root transaction forgets what is queued: a
+        # rolled-back SAVEPOINT (a lost claim race) leaves the outer
+        # transaction, and what it queued, alive. After a commit the lists
+        # were already consumed by _send.
+        if transaction.parent is None and not transaction.nested:
+            sess.info.pop(_PENDING, None)
+            sess.info.pop(_TRANSITIONS, None)
 
     event.listen(session, "after_commit", _send)
-    event.listen(session, "after_rollback", _drop)
+    event.listen(session, "after_transaction_end", _drop)
 
 
 def add(session: Session, message: Message) -> None:
