@@ -38,6 +38,12 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # A worker must not hoard messages it cannot start: with prefetch 1 a
         # long terraform run holds one message, not four.
         "worker_prefetch_multiplier": 1,
+        # ...but prefetch 1 counts unacknowledged messages, and `execute` is
+        # acknowledged when it starts: a worker whose processes all run
+        # terraform would still reserve claim and dispatch messages it cannot
+        # start for minutes, while other workers sit idle. Fetch only into a
+        # free process (Redis broker; Celery >= 5.6).
+        "worker_disable_prefetch": True,
         "task_queues": [Queue(name) for name in ALL_QUEUES],
         "task_default_queue": QUEUE_DISPATCH,
         "task_routes": {

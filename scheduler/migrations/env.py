@@ -9,9 +9,7 @@ from scheduler.models import Base
 
 engine = context.config.attributes.get("engine")
 if not isinstance(engine, Engine):
-    raise TypeError(
-        "run migrations through `runq db upgrade` (scheduler.db.upgrade)"
-    )
+    raise TypeError("run migrations through `runq db upgrade` (scheduler.db.upgrade)")
 
 with engine.connect() as connection:
     context.configure(
