@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from kombu import Queue
+from kombu import Exchange, Queue
 
 from scheduler.messages import (
     ALL_QUEUES,
@@ -44,7 +44,12 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # start for minutes, while other workers sit idle. Fetch only into a
         # free process (Redis broker; Celery >= 5.6).
         "worker_disable_prefetch": True,
-        "task_queues": [Queue(name) for name in ALL_QUEUES],
+        # One direct exchange per queue: a bare Queue(name) would bind every
+        # queue to the default queue's exchange and routing key, so a publish
+        # to that exchange would land in all three.
+        "task_queues": [
+            Queue(name, Exchange(name, "direct"), routing_key=name) for name in ALL_QUEUES
+        ],
         "task_default_queue": QUEUE_DISPATCH,
         "task_routes": {
             TASK_CLAIM_PLAN: {"queue": QUEUE_PLANS},

@@ -25,6 +25,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from enum import StrEnum
+from typing import TypeVar
+
+from scheduler.errors import InvalidInput
 
 
 class TaskType(StrEnum):
@@ -111,3 +114,15 @@ def phase_of(status: TaskStatus) -> Phase | None:
     if status is S.APPLYING:
         return Phase.APPLY
     return None
+
+
+E = TypeVar("E", bound=StrEnum)
+
+
+def parse(kind: type[E], value: str, what: str) -> E:
+    """``kind(value)``, or an :class:`InvalidInput` that lists the choices."""
+    try:
+        return kind(value)
+    except ValueError:
+        choices = ", ".join(member.value for member in kind)
+        raise InvalidInput(f"unknown {what} {value!r}; expected one of: {choices}") from None

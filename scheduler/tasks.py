@@ -9,10 +9,10 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from scheduler import messages, outbox
-from scheduler.errors import IllegalTransition, InvalidInput, NotImplementedYet, TaskNotFound
+from scheduler.errors import IllegalTransition, NotImplementedYet, TaskNotFound
 from scheduler.models import Task, TaskEvent, Workspace, utcnow
 from scheduler.runtime import Runtime
-from scheduler.states import DispatchMode, ExecutionMode, TaskStatus, TaskType
+from scheduler.states import DispatchMode, ExecutionMode, TaskStatus, TaskType, parse
 from scheduler.transitions import transition
 from scheduler.views import EventView, TaskView
 from scheduler.workspaces import load as load_workspace
@@ -21,19 +21,11 @@ log = logging.getLogger(__name__)
 
 
 def parse_type(value: str) -> TaskType:
-    try:
-        return TaskType(value)
-    except ValueError:
-        types = ", ".join(t.value for t in TaskType)
-        raise InvalidInput(f"unknown task type {value!r}; expected one of: {types}") from None
+    return parse(TaskType, value, "task type")
 
 
 def parse_status(value: str) -> TaskStatus:
-    try:
-        return TaskStatus(value)
-    except ValueError:
-        names = ", ".join(s.value for s in TaskStatus)
-        raise InvalidInput(f"unknown status {value!r}; expected one of: {names}") from None
+    return parse(TaskStatus, value, "status")
 
 
 def submit(

@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 from scheduler.errors import InvalidInput, WorkspaceExists, WorkspaceNotFound
 from scheduler.models import Workspace, utcnow
 from scheduler.runtime import Runtime
-from scheduler.states import ExecutionMode
+from scheduler.states import ExecutionMode, parse
 from scheduler.views import WorkspaceView
 
 log = logging.getLogger(__name__)
@@ -22,11 +22,7 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,199}$")
 
 
 def parse_mode(value: str) -> ExecutionMode:
-    try:
-        return ExecutionMode(value)
-    except ValueError:
-        modes = ", ".join(m.value for m in ExecutionMode)
-        raise InvalidInput(f"unknown execution mode {value!r}; expected one of: {modes}") from None
+    return parse(ExecutionMode, value, "execution mode")
 
 
 def create(
