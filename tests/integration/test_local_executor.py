@@ -1,0 +1,472 @@
+"""LocalRunner with the real terraform binary (1.0.3), in this process.
+
+Tasks go through the real scheduler functions: ``submit``, then
+``dispatcher.claim_plan`` / ``dispatcher.dispatch`` on the messages a
+:class:`RecordingPublisher` caught, and the phase runs from the
+``runq.execute`` message's :class:`Handoff` in ``LocalRunner(...).run`` with a
+:class:`DirectReporter`. A :class:`Pump` replays the recorded messages in
+order: a Celery worker with the broker replaced by a list.
+
+Configurations need no download: outputs only, or ``hashicorp/null`` 2.1.2
+from the filesystem mirror of the ``terraform_env`` fixture.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from executors.base import Handoff
+from executors.local import PLAN_FILE, LocalRunner
+from scheduler import dispatcher, tasks, workspaces
+from scheduler.messages import (
+    TASK_CLAIM_PLAN,
+    TASK_DISPATCH,
+    TASK_EXECUTE,
+    RecordingPublisher,
+)
+from scheduler.reports import DirectReporter
+from scheduler.runtime import Runtime
+from scheduler.settings import Settings
+from scheduler.states import Phase, TaskStatus
+from scheduler.views import TaskView
+from tests.conftest import RedisServer
+
+pytestmark = [pytest.mark.terraform, pytest.mark.redis]
+
+NULL_PROVIDER = """\
+terraform {
+  required_providers {
+    null = {
+      source  = "hashicorp/null"
+      version = "2.1.2"
+    }
+  }
+}
+"""
+
+
+def null_config(count: int, extra: str = "") -> str:
+    """``count`` null_resources (stable: no changes once applied)."""
+    return (
+        NULL_PROVIDER
+        + f'resource "null_resource" "r" {{\n  count = {count}\n{extra}}}\n'
+        + 'output "ids" {\n  value = null_resource.r[*].id\n}\n'
+    )
+
+
+class Pump:
+    """Delivers recorded broker messages to the code a worker would run."""
+
+    def __init__(self, rt: Runtime, publisher: RecordingPublisher) -> None:
+        self.rt = rt
+        self.publisher = publisher
+        self.delivered = 0
+        self.handoffs: list[Handoff] = []
+
+    def run(self) -> None:
+        while self.delivered < len(self.publisher.sent):
+            message = self.publisher.sent[self.delivered]
+            self.delivered += 1
+            if message.task == TASK_CLAIM_PLAN:
+                dispatcher.claim_plan(self.rt, *message.args)
+            elif message.task == TASK_DISPATCH:
+                dispatcher.dispatch(self.rt, *message.args)
+            elif message.task == TASK_EXECUTE:
+                handoff = Handoff.from_json(message.args[0])
+                self.handoffs.append(handoff)
+                LocalRunner(self.rt.settings).run(handoff, DirectReporter(self.rt))
+            else:
+                raise AssertionError(f"unexpected message {message}")
+
+
+class Harness:
+    def __init__(self, rt: Runtime, publisher: RecordingPublisher, root: Path) -> None:
+        self.rt = rt
+        self.settings = rt.settings
+        self.pump = Pump(rt, publisher)
+        self.root = root
+
+    def workspace(self, name: str, config: str, *, auto_apply: bool = False) -> Path:
+        src = self.root / "src" / name
+        src.mkdir(parents=True)
+        (src / "main.tf").write_text(config)
+        workspaces.create(self.rt, name, source_dir=str(src), auto_apply=auto_apply)
+        return src
+
+    def run(self, workspace: str, task_type: str) -> TaskView:
+        """Submit a task and deliver messages until nothing is left to do."""
+        task = tasks.submit(self.rt, workspace, task_type)
+        self.pump.run()
+        return tasks.get(self.rt, task.id)
+
+    def confirm(self, task_id: int) -> TaskView:
+        tasks.confirm(self.rt, task_id)
+        self.pump.run()
+        return tasks.get(self.rt, task_id)
+
+    def plan_and_apply(self, workspace: str) -> TaskView:
+        planned = self.run(workspace, "plan_and_apply")
+        assert planned.status is TaskStatus.APPLY_PENDING, planned
+        return self.confirm(planned.id)
+
+    def log(self, task_id: int, phase: str) -> str:
+        return (self.settings.logs_dir / str(task_id) / f"{phase}.log").read_text()
+
+    def state_path(self, workspace: str) -> Path:
+        return self.settings.state_dir / workspace / "terraform.tfstate"
+
+    def state(self, workspace: str) -> dict[str, Any]:
+        return dict(json.loads(self.state_path(workspace).read_text()))
+
+    def instances(self, workspace: str) -> list[dict[str, Any]]:
+        return [
+            inst
+            for res in self.state(workspace)["resources"]
+            if res["type"] == "null_resource"
+            for inst in res["instances"]
+        ]
+
+
+def commands(log: str) -> list[str]:
+    """The command lines the executor wrote into a phase log."""
+    return [line[2:] for line in log.splitlines() if line.startswith("$ ")]
+
+
+def subcommand_line(log: str, sub: str) -> str:
+    [line] = [c for c in commands(log) if c.split()[1] == sub]
+    return line
+
+
+@pytest.fixture
+def tf_env(monkeypatch: pytest.MonkeyPatch, terraform_env: dict[str, str]) -> dict[str, str]:
+    for key, value in terraform_env.items():
+        monkeypatch.setenv(key, value)
+    for key in [k for k in os.environ if k.startswith("RUNQ_")]:
+        monkeypatch.delenv(key)
+    return terraform_env
+
+
+def make_harness(db: str, redis: str, tmp_path: Path, terraform_bin: str) -> Iterator[Harness]:
+    settings = Settings(
+        database_url=db,
+        redis_url=redis,
+        data_dir=tmp_path / "data",
+        terraform_bin=terraform_bin,
+        lock_wait=5,
+    )
+    publisher = RecordingPublisher()
+    rt = Runtime(settings=settings, publisher=publisher, actor="test")
+    yield Harness(rt, publisher, tmp_path)
+    rt.close()
+
+
+@pytest.fixture
+def h_db(
+    db_url: str,
+    private_redis: RedisServer,
+    tmp_path: Path,
+    terraform_bin: str,
+    tf_env: dict[str, str],
+) -> Iterator[Harness]:
+    """On SQLite and on PostgreSQL."""
+    yield from make_harness(db_url, private_redis.url, tmp_path, terraform_bin)
+
+
+@pytest.fixture
+def h(
+    sqlite_url: str,
+    private_redis: RedisServer,
+    tmp_path: Path,
+    terraform_bin: str,
+    tf_env: dict[str, str],
+) -> Iterator[Harness]:
+    yield from make_harness(sqlite_url, private_redis.url, tmp_path, terraform_bin)
+
+
+# ------------------------------------------------------------------ the flow
+
+
+@pytest.mark.postgres
+def test_plan_and_apply_with_null_provider(h_db: Harness, terraform_bin: str) -> None:
+    h = h_db
+    h.workspace("net", null_config(2))
+
+    planned = h.run("net", "plan_and_apply")
+    assert planned.status is TaskStatus.APPLY_PENDING, planned.error
+    assert (planned.has_changes, planned.add, planned.change, planned.destroy) == (
+        True,
+        2,
+        0,
+        0,
+    )
+    plan_log = h.log(planned.id, "plan")
+    assert [c.split()[1] for c in commands(plan_log)] == ["init", "plan", "show"]
+    assert subcommand_line(plan_log, "init").endswith("init -input=false -no-color")
+    plan_line = subcommand_line(plan_log, "plan")
+    assert f"plan -input=false -no-color -detailed-exitcode -out={PLAN_FILE}" in plan_line
+    # A plan+apply's plan is not speculative: it keeps terraform's lock.
+    assert "-lock=false" not in plan_line
+    assert "Plan: 2 to add, 0 to change, 0 to destroy." in plan_log
+    assert not h.state_path("net").exists()  # planning wrote no state
+
+    applied = h.confirm(planned.id)
+    assert applied.status is TaskStatus.APPLIED, applied.error
+    apply_log = h.log(planned.id, "apply")
+    assert commands(apply_log) == [
+        f"{terraform_bin} apply -input=false -no-color -auto-approve {PLAN_FILE}"
+    ]
+    assert "Apply complete! Resources: 2 added, 0 changed, 0 destroyed." in apply_log
+    assert len(h.instances("net")) == 2
+    history = h.settings.state_dir / "net" / "history" / f"{planned.id}.tfstate"
+    assert history.read_bytes() == h.state_path("net").read_bytes()
+    assert [x.phase for x in h.pump.handoffs] == [Phase.PLAN, Phase.APPLY]
+    assert not any(x.speculative for x in h.pump.handoffs)
+
+
+def test_logs_per_phase_via_runq_logs(h: Harness, tmp_path: Path) -> None:
+    h.workspace("logged", null_config(1))
+    task = h.plan_and_apply("logged")
+    assert task.status is TaskStatus.APPLIED, task.error
+    for phase in ("plan", "apply"):
+        assert (h.settings.logs_dir / str(task.id) / f"{phase}.log").stat().st_size > 0
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RUNQ_")}
+    env.update(
+        RUNQ_DATABASE_URL=h.settings.database_url,
+        RUNQ_DATA_DIR=str(h.settings.data_dir),
+        RUNQ_REDIS_URL=h.settings.redis_url,
+    )
+    out = subprocess.run(
+        [str(Path(sys.executable).parent / "runq"), "logs", "--json", str(task.id)],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    logs = json.loads(out.stdout)["logs"]
+    assert set(logs) == {"plan", "apply"}
+    assert "Plan: 1 to add" in logs["plan"]
+    assert "Apply complete! Resources: 1 added" in logs["apply"]
+
+
+def test_plan_with_no_changes_succeeds(h: Harness) -> None:
+    h.workspace("empty", 'locals {\n  unused = "nothing to do"\n}\n')
+
+    plan = h.run("empty", "plan")
+    assert plan.status is TaskStatus.SUCCESS, plan.error
+    assert (plan.has_changes, plan.add, plan.change, plan.destroy) == (False, 0, 0, 0)
+
+    # A plan+apply whose plan changes nothing is done after planning.
+    pa = h.run("empty", "plan_and_apply")
+    assert pa.status is TaskStatus.SUCCESS, pa.error
+    assert pa.has_changes is False
+    assert not (h.settings.logs_dir / str(pa.id) / "apply.log").exists()
+
+
+def test_output_only_config_counts_as_changes(h: Harness) -> None:
+    h.workspace("outputs", 'output "greeting" {\n  value = "hello"\n}\n')
+
+    pa = h.run("outputs", "plan_and_apply")
+    # A new output is a change (-detailed-exitcode 2) with no resources.
+    assert pa.status is TaskStatus.APPLY_PENDING, pa.error
+    assert (pa.has_changes, pa.add, pa.change, pa.destroy) == (True, 0, 0, 0)
+    applied = h.confirm(pa.id)
+    assert applied.status is TaskStatus.APPLIED, applied.error
+    assert h.state("outputs")["outputs"] == {"greeting": {"value": "hello", "type": "string"}}
+
+    again = h.run("outputs", "plan")
+    assert again.status is TaskStatus.SUCCESS
+    assert again.has_changes is False
+
+
+def test_apply_applies_exactly_its_saved_plan(h: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    variable = 'variable "n" {\n  type = number\n}\n'
+    config = variable + NULL_PROVIDER + ('resource "null_resource" "r" {\n  count = var.n\n}\n')
+    src = h.workspace("exact", config)
+    monkeypatch.setenv("TF_VAR_n", "2")
+    planned = h.run("exact", "plan_and_apply")
+    assert planned.status is TaskStatus.APPLY_PENDING, planned.error
+    assert planned.add == 2
+
+    # Between review and apply, both the input variable and the source
+    # change: the apply must still do what the reviewed plan said (a
+    # re-plan at apply time would create 5, or 4).
+    monkeypatch.setenv("TF_VAR_n", "5")
+    (src / "main.tf").write_text(config.replace("count = var.n", "count = var.n - 1"))
+    applied = h.confirm(planned.id)
+    assert applied.status is TaskStatus.APPLIED, applied.error
+    assert "Resources: 2 added" in h.log(planned.id, "apply")
+    assert len(h.instances("exact")) == 2
+
+    # The next run plans from the source as it is now, over the state left.
+    nxt = h.run("exact", "plan_and_apply")
+    assert nxt.status is TaskStatus.APPLY_PENDING, nxt.error
+    assert (nxt.add, nxt.change, nxt.destroy) == (2, 0, 0)
+
+
+def test_state_persists_between_runs(h: Harness) -> None:
+    src = h.workspace("persist", null_config(2))
+    first = h.plan_and_apply("persist")
+    assert first.status is TaskStatus.APPLIED, first.error
+    ids = {inst["attributes"]["id"] for inst in h.instances("persist")}
+    assert len(ids) == 2
+
+    # Unchanged configuration: the second plan sees what the first created.
+    unchanged = h.run("persist", "plan_and_apply")
+    assert unchanged.status is TaskStatus.SUCCESS, unchanged.error
+    assert unchanged.has_changes is False
+
+    (src / "main.tf").write_text(null_config(3))
+    grown = h.run("persist", "plan_and_apply")
+    assert grown.status is TaskStatus.APPLY_PENDING, grown.error
+    assert (grown.add, grown.change, grown.destroy) == (1, 0, 0)
+    done = h.confirm(grown.id)
+    assert done.status is TaskStatus.APPLIED, done.error
+    after = {inst["attributes"]["id"] for inst in h.instances("persist")}
+    assert len(after) == 3
+    assert ids < after  # the first two were kept, not re-created
+
+    (src / "main.tf").write_text(null_config(1))
+    shrunk = h.run("persist", "plan")
+    assert shrunk.status is TaskStatus.SUCCESS, shrunk.error
+    assert (shrunk.add, shrunk.change, shrunk.destroy) == (0, 0, 2)
+
+
+def test_speculative_plan_takes_no_lock_and_writes_no_state(h: Harness) -> None:
+    src = h.workspace("spec", null_config(1))
+
+    # On a fresh workspace a plan leaves no state behind at all.
+    fresh = h.run("spec", "plan")
+    assert fresh.status is TaskStatus.SUCCESS, fresh.error
+    assert (fresh.has_changes, fresh.add) == (True, 1)
+    assert not (h.settings.state_dir / "spec").exists()
+
+    applied = h.plan_and_apply("spec")
+    assert applied.status is TaskStatus.APPLIED, applied.error
+    state = h.state_path("spec")
+    before = (state.read_bytes(), state.stat().st_mtime_ns, state.stat().st_ino)
+    history_before = sorted(p.name for p in (state.parent / "history").iterdir())
+
+    (src / "main.tf").write_text(null_config(3))
+    plan = h.run("spec", "plan")
+    assert plan.status is TaskStatus.SUCCESS, plan.error
+    assert (plan.has_changes, plan.add, plan.change, plan.destroy) == (True, 2, 0, 0)
+
+    [handoff] = [x for x in h.pump.handoffs if x.task_id == plan.id]
+    assert handoff.speculative and handoff.phase is Phase.PLAN
+    plan_log = h.log(plan.id, "plan")
+    assert "-lock=false" in subcommand_line(plan_log, "plan").split()
+    assert not any(c.split()[1] == "apply" for c in commands(plan_log))
+    assert (state.read_bytes(), state.stat().st_mtime_ns, state.stat().st_ino) == before
+    assert sorted(p.name for p in (state.parent / "history").iterdir()) == history_before
+
+
+def test_runq_env_reaches_terraform_and_provisioners(h: Harness, tmp_path: Path) -> None:
+    record = tmp_path / "commands.txt"
+    wrapper = tmp_path / "tf-wrapper.sh"
+    wrapper.write_text(
+        "#!/bin/sh\n"
+        f'echo "$1 $RUNQ_TASK_ID $RUNQ_WORKSPACE $RUNQ_PHASE" >> "{record}"\n'
+        f'exec "{h.settings.terraform_bin}" "$@"\n'
+    )
+    wrapper.chmod(wrapper.stat().st_mode | stat.S_IXUSR)
+    h.settings = h.rt.settings = h.settings.model_copy(update={"terraform_bin": str(wrapper)})
+
+    seen = tmp_path / "provisioner-env.txt"
+    provisioner = (
+        f'  provisioner "local-exec" {{\n    command = "env | grep ^RUNQ_ | sort > {seen}"\n  }}\n'
+    )
+    h.workspace("envy", null_config(1, provisioner))
+    task = h.plan_and_apply("envy")
+    assert task.status is TaskStatus.APPLIED, task.error
+
+    lines = record.read_text().splitlines()
+    assert lines == [
+        f"init {task.id} envy plan",
+        f"plan {task.id} envy plan",
+        f"show {task.id} envy plan",
+        f"apply {task.id} envy apply",
+    ]
+    env = dict(line.split("=", 1) for line in seen.read_text().splitlines())
+    assert env["RUNQ_TASK_ID"] == str(task.id)
+    assert env["RUNQ_WORKSPACE"] == "envy"
+    assert env["RUNQ_PHASE"] == "apply"
+
+
+def test_syntax_error_fails_with_terraform_error_line(h: Harness) -> None:
+    h.workspace("broken", 'resource "null_resource" "r" {\n  count = \n')
+
+    task = h.run("broken", "plan")
+    assert task.status is TaskStatus.FAILED
+    assert task.error is not None
+    assert task.error.startswith("terraform init exited 1: Error: "), task.error
+    log = h.log(task.id, "plan")
+    [first_error] = [
+        line.strip(" \u2502\u2577\u2575")
+        for line in log.splitlines()
+        if line.strip(" \u2502\u2577\u2575").startswith("Error:")
+    ][:1]
+    assert task.error.endswith(first_error)
+
+
+def test_failed_apply_still_publishes_partial_state(h: Harness) -> None:
+    # Two resources; the second one's provisioner fails during apply, after
+    # the first was created (-parallelism is irrelevant: r[1] waits on ok).
+    config = (
+        NULL_PROVIDER
+        + 'resource "null_resource" "ok" {}\n'
+        + 'resource "null_resource" "bad" {\n'
+        + "  depends_on = [null_resource.ok]\n"
+        + '  provisioner "local-exec" {\n    command = "exit 3"\n  }\n}\n'
+    )
+    h.workspace("partial", config)
+    planned = h.run("partial", "plan_and_apply")
+    assert planned.status is TaskStatus.APPLY_PENDING, planned.error
+    task = h.confirm(planned.id)
+    assert task.status is TaskStatus.FAILED
+    assert task.error is not None
+    assert task.error.startswith("terraform apply exited 1: Error: "), task.error
+    # The resource that was created is in the workspace's state, so the next
+    # plan does not create it again.
+    names = {res["name"] for res in h.state("partial")["resources"]}
+    assert "ok" in names
+    nxt = h.run("partial", "plan")
+    assert nxt.status is TaskStatus.SUCCESS, nxt.error
+    assert nxt.add == 1  # only the tainted "bad" is re-created
+    assert nxt.destroy == 1
+
+
+@pytest.mark.parametrize("binary", ["/nonexistent/bin/terraform", "terraform-not-on-path-xyz"])
+def test_missing_terraform_binary_fails_clearly(h: Harness, binary: str) -> None:
+    h.settings = h.rt.settings = h.settings.model_copy(update={"terraform_bin": binary})
+    h.workspace("nobin", null_config(1))
+
+    task = h.run("nobin", "plan")
+    assert task.status is TaskStatus.FAILED
+    assert task.error == (
+        f"terraform binary {binary!r} not found (install it or set RUNQ_TERRAFORM_BIN)"
+    )
+    assert task.executor_handle is not None  # it was started, then failed
+
+    pa = h.run("nobin", "plan_and_apply")
+    assert pa.status is TaskStatus.FAILED
+    assert pa.error is not None and "not found" in pa.error
+
+
+def test_missing_source_dir_fails_clearly(h: Harness) -> None:
+    src = h.workspace("gone", null_config(1))
+    (src / "main.tf").unlink()
+    src.rmdir()
+    task = h.run("gone", "plan")
+    assert task.status is TaskStatus.FAILED
+    assert task.error == f"source directory {str(src)!r} does not exist"

@@ -1,0 +1,107 @@
+"""The seed's four scenarios and a dispatch race, in the new dispatch mode,
+with two real ``celery -A celery_app worker`` processes, PostgreSQL, a
+private Redis and the real terraform binary (paused by a wrapper so phases
+last seconds).
+
+Verdicts are orderings of recorded ``task_events`` timestamps. The legacy
+contrast (tests/scenario/test_legacy_contrast.py) runs the same scenarios
+with RUNQ_DISPATCH_MODE=legacy and asserts the opposite orderings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from scheduler.states import DispatchMode, TaskStatus
+from tests.conftest import RedisServer
+from tests.scenario import scenarios
+from tests.scenario.cluster import Cluster, Life, describe, redis_db, start_cluster
+
+pytestmark = [pytest.mark.scenario, pytest.mark.postgres, pytest.mark.terraform]
+
+
+@pytest.fixture(scope="module")
+def cluster(
+    pg_database_url: str,
+    private_redis: RedisServer,
+    tmp_path_factory: pytest.TempPathFactory,
+    terraform_bin: str,
+    terraform_env: dict[str, str],
+) -> Iterator[Cluster]:
+    with start_cluster(
+        mode=DispatchMode.NEW,
+        database_url=pg_database_url,
+        redis_url=redis_db(private_redis.url, 1),
+        root=Path(tmp_path_factory.mktemp("cluster-new")),
+        terraform_bin=terraform_bin,
+        terraform_env=terraform_env,
+    ) as c:
+        yield c
+
+
+def test_plan_does_not_delay_plan_and_apply(cluster: Cluster) -> None:
+    a, b = scenarios.plan_then_plan_and_apply(cluster)
+    timeline = describe([a, b])
+    assert a.task.status is TaskStatus.SUCCESS, timeline
+    assert b.task.status is TaskStatus.APPLY_PENDING, timeline
+    # B was claimed before A's plan ended (the two may be claimed in either
+    # order: plans take no lock, so nothing orders them).
+    assert b.claimed < a.ended, timeline
+
+
+def test_three_plans_run_at_the_same_time(cluster: Cluster) -> None:
+    lives = scenarios.three_plans(cluster)
+    timeline = describe(lives)
+    assert all(life.task.status is TaskStatus.SUCCESS for life in lives), timeline
+    # One instant inside all three active intervals.
+    assert max(life.claimed for life in lives) < min(life.ended for life in lives), timeline
+
+
+def test_plan_and_applies_never_overlap_and_keep_queue_order(cluster: Cluster) -> None:
+    a, b = scenarios.two_plan_and_applies(cluster)
+    timeline = describe([a, b])
+    assert a.task.queue_seq < b.task.queue_seq
+    assert a.task.status is TaskStatus.APPLIED, timeline
+    assert b.task.status is TaskStatus.APPLIED, timeline
+    # A ran start to finish (plan, apply) before B was claimed.
+    assert a.claimed < a.entered(TaskStatus.APPLYING) < a.ended <= b.claimed, timeline
+
+
+def test_mixed_plan_runs_beside_apply_next_plan_and_apply_waits(cluster: Cluster) -> None:
+    a, b, c = scenarios.mixed(cluster)
+    timeline = describe([a, b, c])
+    assert a.task.status is TaskStatus.APPLIED, timeline
+    assert b.task.status is TaskStatus.SUCCESS, timeline
+    assert c.task.status is TaskStatus.APPLIED, timeline
+    # Plan B was claimed while A applied: it did not wait.
+    assert a.entered(TaskStatus.APPLYING) < b.claimed < a.ended, timeline
+    # Plan+apply C waited for A to end.
+    assert a.ended <= c.claimed, timeline
+
+
+def test_dispatch_storm_claims_each_task_once_in_queue_order(cluster: Cluster) -> None:
+    scenarios.check_storm(*scenarios.dispatch_storm(cluster))
+
+
+def worker_pid(actor_or_handle: str) -> int | None:
+    """The process id in ``worker@host:pid`` or ``local:host:pid``."""
+    if not actor_or_handle.startswith(("worker@", "local:")):
+        return None
+    return int(actor_or_handle.rsplit(":", 1)[1])
+
+
+def test_work_is_spread_over_separate_worker_processes(cluster: Cluster) -> None:
+    ws = cluster.workspace("spread", plan_seconds=2)
+    ids = [cluster.submit(ws, "plan").id for _ in range(6)]
+    cluster.wait(ids)
+
+    lives: list[Life] = cluster.all_lives()  # this test's tasks and the ones before
+    pids = {worker_pid(a) for life in lives for a in life.actors} - {None}
+    pids |= {worker_pid(life.task.executor_handle or "") for life in lives} - {None}
+    owners = {pid: cluster.pool.worker_of(pid) for pid in pids if pid is not None}
+    assert None not in owners.values(), f"a pid outside the test's workers: {owners}"
+    assert len(set(owners.values())) >= 2, f"one worker did everything: {owners}"
+    assert len(owners) >= 3, owners  # pool processes, not one process
