@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session
 
 from executors import launcher_for
 from executors.base import Handoff
-from scheduler.errors import ConcurrentChange
+from scheduler.errors import ConcurrentChange, IllegalTransition
 from scheduler.locks import workspace_lock
 from scheduler.models import Task, Workspace
 from scheduler.runtime import Runtime
@@ -95,17 +95,24 @@ def _handoff(task: Task, ws: Workspace, phase: Phase, fence: int) -> Handoff:
 def _claim(
     rt: Runtime, s: Session, task: Task, ws: Workspace, to: TaskStatus, reason: str
 ) -> Handoff:
-    done = transition(
-        s,
-        task.id,
-        to,
-        actor=rt.actor,
-        reason=reason,
-        expect={TaskStatus(task.status)},
-        new_fence=True,
-        # A new claim starts a new phase: no executor has started it yet.
-        values={"executor_handle": None},
-    )
+    seen = TaskStatus(task.status)
+    try:
+        done = transition(
+            s,
+            task.id,
+            to,
+            actor=rt.actor,
+            reason=reason,
+            expect={seen},
+            new_fence=True,
+            # A new claim starts a new phase: no executor has started it yet.
+            values={"executor_handle": None},
+        )
+    except IllegalTransition as exc:
+        # The move from what we read is legal, so the task moved on between
+        # our read and transition()'s (another claimer committed first, or a
+        # cancel did): a lost race, not an error.
+        raise ConcurrentChange(f"task {task.id} is no longer {seen}: {exc}") from exc
     phase = Phase.PLAN if to is TaskStatus.PLANNING else Phase.APPLY
     return _handoff(task, ws, phase, done.fence)
 
@@ -148,6 +155,10 @@ def hand_off(rt: Runtime, handoff: Handoff) -> None:
 
 def claim_plan(rt: Runtime, task_id: int) -> Decision:
     """Claim plan task ``task_id`` by id, with no lock, and hand it off."""
+
+    def skip(workspace: str, reason: str) -> Decision:
+        return _log(Decision(workspace, "skipped", reason, task_id), verb="claim")
+
     with rt.transaction() as s:
         row = s.execute(
             select(Task, Workspace)
@@ -155,26 +166,22 @@ def claim_plan(rt: Runtime, task_id: int) -> Decision:
             .where(Task.id == task_id)
         ).one_or_none()
         if row is None:
-            return _log(
-                verb="claim",
-                decision=Decision("?", "skipped", f"task {task_id} does not exist", task_id),
-            )
-        task, ws = row.tuple()
-        if task.type != TaskType.PLAN:
-            return _log(
-                verb="claim", decision=Decision(ws.name, "skipped", "not a plan task", task_id)
-            )
+            return skip("?", f"task {task_id} does not exist")
+        task, ws = row
+        legacy = rt.settings.dispatch_mode is DispatchMode.LEGACY
+        if not legacy and task.type != TaskType.PLAN:
+            return skip(ws.name, "not a plan task")
         if task.status != TaskStatus.PENDING:
-            return _log(
-                Decision(ws.name, "skipped", f"already {task.status} (late or duplicate)", task_id),
-                verb="claim",
-            )
-        try:
-            handoff = _claim(rt, s, task, ws, TaskStatus.PLANNING, "plan claimed")
-        except ConcurrentChange as exc:
-            return _log(
-                verb="claim", decision=Decision(ws.name, "skipped", f"lost race: {exc}", task_id)
-            )
+            return skip(ws.name, f"already {task.status} (late or duplicate)")
+        if not legacy:
+            try:
+                handoff = _claim(rt, s, task, ws, TaskStatus.PLANNING, "plan claimed")
+            except ConcurrentChange as exc:
+                return skip(ws.name, f"lost race: {exc}")
+    if legacy:
+        # A claim sent before a switch to legacy mode, where every task waits
+        # its turn in the workspace: the hint goes to the dispatcher instead.
+        return dispatch(rt, ws.name)
     hand_off(rt, handoff)
     return _log(
         Decision(ws.name, "claimed_plan", "plan tasks take no lock", task_id, handoff.fence),

@@ -19,7 +19,7 @@ import logging
 from dataclasses import dataclass
 from datetime import timedelta
 
-from sqlalchemy import select
+from sqlalchemy import or_, select
 
 from scheduler import messages
 from scheduler.models import Task, Workspace, utcnow
@@ -53,7 +53,8 @@ def sweep(rt: Runtime) -> Sweep:
         waiting = select(Workspace.name).join(Task, Task.workspace_id == Workspace.id)
         waiting = waiting.where(
             Task.status.in_([TaskStatus.PENDING, TaskStatus.APPLY_QUEUED]),
-            Workspace.locked_by.is_(None),
+            # A manual lock holds back plan+apply only; legacy plans still go.
+            or_(Workspace.locked_by.is_(None), Task.type == TaskType.PLAN),
         )
         if not legacy:
             waiting = waiting.where(Task.type == TaskType.PLAN_AND_APPLY)

@@ -83,8 +83,8 @@ def transition(
     now = utcnow()
     new_values: dict[str, Any] = dict(values or {})
     new_values["status"] = to
-    if row.started_at is None and current is TaskStatus.PENDING:
-        new_values["started_at"] = now
+    if row.started_at is None and to is TaskStatus.PLANNING:
+        new_values["started_at"] = now  # first claim; a cancelled task never started
     if to in TERMINAL:
         new_values["finished_at"] = now
     if new_fence:
