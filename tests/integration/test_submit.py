@@ -1,0 +1,155 @@
+"""submit: a pending row, its creation event, and a message after commit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+
+from scheduler import messages, tasks
+from scheduler.errors import NotImplementedYet
+from scheduler.messages import RecordingPublisher
+from scheduler.models import Task, Workspace
+from scheduler.runtime import Runtime
+from scheduler.settings import Settings
+from scheduler.states import DispatchMode, TaskStatus, TaskType
+from tests.integration.helpers import claim_plans, counts, dispatches, make_workspace
+
+
+@pytest.fixture
+def src(tmp_path: Path) -> Path:
+    path = tmp_path / "src"
+    path.mkdir()
+    return path
+
+
+def test_submit_inserts_pending_task_and_creation_event(rt: Runtime, src: Path) -> None:
+    make_workspace(rt, "net", src)
+    t = tasks.submit(rt, "net", "plan_and_apply", message="bump vpc", created_by="alice")
+    assert (t.workspace, t.type, t.status, t.queue_seq, t.fence) == (
+        "net",
+        TaskType.PLAN_AND_APPLY,
+        TaskStatus.PENDING,
+        1,
+        0,
+    )
+    assert (t.message, t.created_by) == ("bump vpc", "alice")
+    assert t.started_at is None and t.finished_at is None
+    assert tasks.get(rt, t.id) == t
+    evs = tasks.events(rt, [t.id])
+    assert len(evs) == 1
+    ev = evs[0]
+    assert (ev.from_status, ev.to_status, ev.actor, ev.reason, ev.fence) == (
+        None,
+        TaskStatus.PENDING,
+        "alice",
+        "submitted",
+        0,
+    )
+    # Without created_by, the runtime's actor is recorded.
+    t2 = tasks.submit(rt, "net", "plan")
+    assert tasks.events(rt, [t2.id])[0].actor == "test"
+
+
+def test_queue_seq_counts_per_workspace(rt: Runtime, src: Path) -> None:
+    make_workspace(rt, "a", src)
+    make_workspace(rt, "b", src)
+    order = ["a", "a", "b", "a", "b", "b", "b", "a"]
+    views = [
+        tasks.submit(rt, w, "plan" if i % 2 else "plan_and_apply") for i, w in enumerate(order)
+    ]
+    assert [v.queue_seq for v in views if v.workspace == "a"] == [1, 2, 3, 4]
+    assert [v.queue_seq for v in views if v.workspace == "b"] == [1, 2, 3, 4]
+    with rt.sessions() as s:
+        assert dict(s.execute(select(Workspace.name, Workspace.task_seq)).all()) == {
+            "a": 4,
+            "b": 4,
+        }
+
+
+def test_plan_goes_to_claim_plan_and_plan_and_apply_to_dispatch(rt: Runtime, src: Path) -> None:
+    make_workspace(rt, "net", src)
+    plan = tasks.submit(rt, "net", TaskType.PLAN)
+    assert rt.publisher.sent == [messages.Message("runq.claim_plan", "runq.plans", (plan.id,))]  # type: ignore[attr-defined]
+    tasks.submit(rt, "net", TaskType.PLAN_AND_APPLY)
+    assert rt.publisher.sent[-1] == messages.Message("runq.dispatch", "runq.dispatch", ("net",))  # type: ignore[attr-defined]
+    assert claim_plans(rt) == [plan.id]
+    assert dispatches(rt) == ["net"]
+
+
+def test_legacy_mode_sends_plans_through_dispatch(settings: Settings, src: Path) -> None:
+    legacy = Runtime(
+        settings=settings.model_copy(update={"dispatch_mode": DispatchMode.LEGACY}),
+        publisher=RecordingPublisher(),
+        actor="test",
+    )
+    try:
+        make_workspace(legacy, "net", src)
+        tasks.submit(legacy, "net", TaskType.PLAN)
+        tasks.submit(legacy, "net", TaskType.PLAN_AND_APPLY)
+        assert claim_plans(legacy) == []
+        assert dispatches(legacy) == ["net", "net"]
+    finally:
+        legacy.close()
+
+
+def test_message_is_published_only_after_the_callers_commit(rt: Runtime, src: Path) -> None:
+    make_workspace(rt, "net", src)
+    pub = rt.publisher
+    assert isinstance(pub, RecordingPublisher)
+    with rt.sessions() as s, s.begin():
+        t = tasks.submit(rt, "net", "plan", session=s)
+        assert pub.sent == []
+        if rt.engine.dialect.name == "postgresql":
+            # Not visible to anyone else before the commit either. (On SQLite
+            # another session would wait: every transaction there takes the
+            # write lock up front.)
+            with rt.sessions() as other:
+                assert other.get(Task, t.id) is None
+    assert claim_plans(rt) == [t.id]
+    assert tasks.get(rt, t.id).status is TaskStatus.PENDING
+
+
+def test_rolled_back_submit_publishes_nothing_and_leaves_no_row(rt: Runtime, src: Path) -> None:
+    make_workspace(rt, "net", src)
+    before = counts(rt)
+
+    class Abort(Exception):
+        pass
+
+    with pytest.raises(Abort), rt.sessions() as s, s.begin():
+        tasks.submit(rt, "net", "plan", session=s)
+        tasks.submit(rt, "net", "plan_and_apply", session=s)
+        raise Abort
+    assert rt.publisher.sent == []  # type: ignore[attr-defined]
+    assert counts(rt) == before
+    # The queue counter rolled back too: the next task is still number 1.
+    assert tasks.submit(rt, "net", "plan").queue_seq == 1
+
+
+def test_failed_savepoint_in_callers_transaction_keeps_earlier_messages(
+    rt: Runtime, src: Path
+) -> None:
+    """A savepoint rolled back inside the caller's transaction must not drop the
+    messages of work that the outer transaction still commits."""
+    make_workspace(rt, "net", src)
+    with rt.sessions() as s, s.begin():
+        t = tasks.submit(rt, "net", "plan", session=s)
+        with pytest.raises(IntegrityError), s.begin_nested():
+            s.add(Workspace(name="net", execution_mode="local", auto_apply=False, task_seq=0))
+            s.flush()
+    assert tasks.get(rt, t.id).status is TaskStatus.PENDING
+    assert claim_plans(rt) == [t.id]
+
+
+def test_submit_to_a_non_local_workspace_is_refused(rt: Runtime) -> None:
+    from scheduler import workspaces
+
+    workspaces.create(rt, "remote", mode="agent", agent_pool="pool-1")
+    before = counts(rt)
+    with pytest.raises(NotImplementedYet, match="agent"):
+        tasks.submit(rt, "remote", "plan")
+    assert counts(rt) == before
+    assert rt.publisher.sent == []  # type: ignore[attr-defined]

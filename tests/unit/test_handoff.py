@@ -1,0 +1,68 @@
+"""Handoff: what crosses the broker as JSON, and back."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from executors.base import Handoff
+from executors.local import LocalLauncher
+from scheduler.messages import QUEUE_RUNS, TASK_EXECUTE, RecordingPublisher
+from scheduler.states import ExecutionMode, Phase
+
+handoffs = st.builds(
+    Handoff,
+    task_id=st.integers(min_value=1, max_value=2**62),
+    workspace=st.from_regex(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,30}", fullmatch=True),
+    phase=st.sampled_from(Phase),
+    fence=st.integers(min_value=0, max_value=2**62),
+    speculative=st.booleans(),
+    mode=st.sampled_from(ExecutionMode),
+    source_dir=st.none() | st.text(max_size=40),
+    agent_pool=st.none() | st.text(max_size=20),
+)
+
+
+@given(handoffs)
+def test_json_round_trip(h: Handoff) -> None:
+    wire = json.dumps(h.to_json())  # what the broker carries: JSON text only
+    back = Handoff.from_json(json.loads(wire))
+    assert back == h
+    assert isinstance(back.phase, Phase) and isinstance(back.mode, ExecutionMode)
+
+
+def test_json_shape() -> None:
+    h = Handoff(7, "net", Phase.APPLY, 3, False, ExecutionMode.LOCAL, "/src", None)
+    assert json.loads(json.dumps(h.to_json())) == {
+        "task_id": 7,
+        "workspace": "net",
+        "phase": "apply",
+        "fence": 3,
+        "speculative": False,
+        "mode": "local",
+        "source_dir": "/src",
+        "agent_pool": None,
+    }
+
+
+def test_from_json_refuses_unknown_values() -> None:
+    good = Handoff(1, "w", Phase.PLAN, 1, True, ExecutionMode.LOCAL).to_json()
+    with pytest.raises(ValueError, match="destroy"):
+        Handoff.from_json({**good, "phase": "destroy"})
+    with pytest.raises(ValueError, match="ssh"):
+        Handoff.from_json({**good, "mode": "ssh"})
+    with pytest.raises(TypeError):
+        Handoff.from_json({**good, "surprise": 1})
+
+
+def test_local_launcher_publishes_the_handoff_to_the_runs_queue() -> None:
+    pub = RecordingPublisher()
+    h = Handoff(9, "net", Phase.PLAN, 2, True, ExecutionMode.LOCAL, "/src")
+    handle = LocalLauncher(pub).launch(h)
+    assert handle == "celery:recorded-1"
+    [msg] = pub.sent
+    assert (msg.task, msg.queue) == (TASK_EXECUTE, QUEUE_RUNS)
+    assert Handoff.from_json(json.loads(json.dumps(msg.args[0]))) == h
