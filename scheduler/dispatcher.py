@@ -60,11 +60,13 @@ class Decision:
         return self.action.startswith("claimed")
 
 
-def _log(decision: Decision, verb: str = "dispatch", **extra: object) -> Decision:
+def _log(decision: Decision, verb: str = "dispatch", lock: str = "none") -> Decision:
+    """One line per decision: lock state, what was done, and why."""
     log.info(
-        "%s %s: %s%s (%s)",
+        "%s %s [lock %s]: %s%s (%s)",
         verb,
         decision.workspace,
+        lock,
         decision.action,
         f" task {decision.task_id}" if decision.task_id is not None else "",
         decision.reason,
@@ -73,7 +75,8 @@ def _log(decision: Decision, verb: str = "dispatch", **extra: object) -> Decisio
             "workspace": decision.workspace,
             "task_id": decision.task_id,
             "reason": decision.reason,
-            **extra,
+            "lock": lock,
+            "fence": decision.fence,
         },
     )
     return decision
@@ -197,14 +200,15 @@ def dispatch(rt: Runtime, workspace: str) -> Decision:
     ) as held:
         if not held:
             return _log(
-                Decision(workspace, "lock_busy", f"lock still held after {settings.lock_wait}s")
+                Decision(workspace, "lock_busy", f"lock still held after {settings.lock_wait}s"),
+                lock="busy",
             )
         try:
             with rt.transaction() as s:
                 decision, handoff = _decide(rt, s, workspace)
         except ConcurrentChange as exc:
             # The database guard refused a claim another dispatcher won.
-            return _log(Decision(workspace, "skipped", f"lost race: {exc}"))
+            return _log(Decision(workspace, "skipped", f"lost race: {exc}"), lock="held")
         if handoff is not None:
             hand_off(rt, handoff)
         return _log(decision, lock="held")
@@ -231,7 +235,8 @@ def _decide(rt: Runtime, s: Session, workspace: str) -> tuple[Decision, Handoff 
                 ws.name, "skipped", f"apply of task {active.id} held by lock of {ws.locked_by}"
             ), None
         handoff = _claim(rt, s, active, ws, TaskStatus.APPLYING, "apply claimed")
-        return Decision(ws.name, "claimed_apply", "confirmed", active.id, handoff.fence), handoff
+        reason = "re-read: apply_queued (confirmed)"
+        return Decision(ws.name, "claimed_apply", reason, active.id, handoff.fence), handoff
 
     head_q = select(Task).where(Task.workspace_id == ws.id, Task.status == TaskStatus.PENDING)
     if not legacy:
@@ -246,4 +251,5 @@ def _decide(rt: Runtime, s: Session, workspace: str) -> tuple[Decision, Handoff 
     if head is None:
         return Decision(ws.name, "skipped", "queue empty"), None
     handoff = _claim(rt, s, head, ws, TaskStatus.PLANNING, "head of queue claimed")
-    return Decision(ws.name, "claimed_plan", "head of queue", head.id, handoff.fence), handoff
+    reason = f"re-read: pending, head of queue (position {head.queue_seq})"
+    return Decision(ws.name, "claimed_plan", reason, head.id, handoff.fence), handoff

@@ -575,3 +575,29 @@ def test_dispatch_of_a_head_cancelled_meanwhile_is_a_lost_race(rt: Runtime, ws: 
     assert handoffs(rt) == []
     # The whole decision rolled back, the interloper's write with it.
     assert status(rt, t.id) is S.PENDING
+
+
+# ---------------------------------------------------------------- mode switches, start times
+
+
+def test_claim_plan_in_legacy_mode_waits_its_turn_via_the_dispatcher(rt: Runtime, ws: str) -> None:
+    """A claim message sent before a switch to legacy must not jump the queue:
+    with a plan+apply active, the plan stays pending."""
+    first = tasks.submit(rt, ws, PA)
+    assert dispatcher.dispatch(rt, ws).task_id == first.id
+    plan = tasks.submit(rt, ws, TaskType.PLAN)
+
+    legacy = variant(rt, dispatch_mode=DispatchMode.LEGACY)
+    decision = dispatcher.claim_plan(legacy, plan.id)
+
+    assert decision.action == "skipped"
+    assert decision.reason.startswith("busy")
+    assert status(rt, plan.id) is S.PENDING
+
+
+def test_a_task_cancelled_while_pending_never_started(rt: Runtime, ws: str) -> None:
+    task = tasks.submit(rt, ws, PA)
+    cancelled = tasks.cancel(rt, task.id)
+    assert cancelled.status is S.CANCELLED
+    assert cancelled.started_at is None
+    assert cancelled.finished_at is not None
