@@ -1,13 +1,51 @@
-"""Scenario tests: real celery workers. A failing test shows their logs."""
+"""Scenario tests: real celery workers. A failing test shows their logs.
+
+Each test module gets its own cluster (workers started once per module) and
+says which with module attributes: ``CLUSTER_MODE`` (a DispatchMode),
+``CLUSTER_REDIS_DB`` (a database of the private redis-server no other module
+uses) and optionally ``CLUSTER_DATABASE = "sqlite"`` (default: the session's
+PostgreSQL database).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Generator
+from collections.abc import Generator, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.scenario.cluster import Cluster
+from scheduler.db import make_engine, upgrade
+from tests.conftest import RedisServer
+from tests.scenario.cluster import Cluster, redis_db, start_cluster
+
+
+@pytest.fixture(scope="module")
+def cluster(
+    request: pytest.FixtureRequest,
+    private_redis: RedisServer,
+    tmp_path_factory: pytest.TempPathFactory,
+    terraform_bin: str,
+    terraform_env: dict[str, str],
+) -> Iterator[Cluster]:
+    module = request.module
+    root = Path(tmp_path_factory.mktemp(f"cluster-{module.__name__.rsplit('.', 1)[-1]}"))
+    if getattr(module, "CLUSTER_DATABASE", "postgres") == "sqlite":
+        url = f"sqlite:///{root / 'runq.db'}"
+        engine = make_engine(url)
+        upgrade(engine)
+        engine.dispose()
+    else:
+        url = str(request.getfixturevalue("pg_database_url"))
+    with start_cluster(
+        mode=module.CLUSTER_MODE,
+        database_url=url,
+        redis_url=redis_db(private_redis.url, module.CLUSTER_REDIS_DB),
+        root=root,
+        terraform_bin=terraform_bin,
+        terraform_env=terraform_env,
+    ) as c:
+        yield c
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -8,36 +8,18 @@ two behaviours apart.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from scheduler.states import DispatchMode, TaskStatus
-from tests.conftest import RedisServer
 from tests.scenario import scenarios
-from tests.scenario.cluster import Cluster, describe, redis_db, start_cluster
+from tests.scenario.cluster import Cluster, describe
 
 pytestmark = [pytest.mark.scenario, pytest.mark.postgres, pytest.mark.terraform]
 
 
-@pytest.fixture(scope="module")
-def cluster(
-    pg_database_url: str,
-    private_redis: RedisServer,
-    tmp_path_factory: pytest.TempPathFactory,
-    terraform_bin: str,
-    terraform_env: dict[str, str],
-) -> Iterator[Cluster]:
-    with start_cluster(
-        mode=DispatchMode.LEGACY,
-        database_url=pg_database_url,
-        redis_url=redis_db(private_redis.url, 2),
-        root=Path(tmp_path_factory.mktemp("cluster-legacy")),
-        terraform_bin=terraform_bin,
-        terraform_env=terraform_env,
-    ) as c:
-        yield c
+CLUSTER_MODE = DispatchMode.LEGACY
+CLUSTER_REDIS_DB = 2
 
 
 def test_legacy_plan_delays_plan_and_apply(cluster: Cluster) -> None:

@@ -10,36 +10,17 @@ with RUNQ_DISPATCH_MODE=legacy and asserts the opposite orderings.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
 import pytest
 
 from scheduler.states import DispatchMode, TaskStatus
-from tests.conftest import RedisServer
 from tests.scenario import scenarios
-from tests.scenario.cluster import Cluster, Life, describe, redis_db, start_cluster
+from tests.scenario.cluster import Cluster, Life, describe
 
 pytestmark = [pytest.mark.scenario, pytest.mark.postgres, pytest.mark.terraform]
 
 
-@pytest.fixture(scope="module")
-def cluster(
-    pg_database_url: str,
-    private_redis: RedisServer,
-    tmp_path_factory: pytest.TempPathFactory,
-    terraform_bin: str,
-    terraform_env: dict[str, str],
-) -> Iterator[Cluster]:
-    with start_cluster(
-        mode=DispatchMode.NEW,
-        database_url=pg_database_url,
-        redis_url=redis_db(private_redis.url, 1),
-        root=Path(tmp_path_factory.mktemp("cluster-new")),
-        terraform_bin=terraform_bin,
-        terraform_env=terraform_env,
-    ) as c:
-        yield c
+CLUSTER_MODE = DispatchMode.NEW
+CLUSTER_REDIS_DB = 1
 
 
 def test_plan_does_not_delay_plan_and_apply(cluster: Cluster) -> None:
