@@ -51,7 +51,8 @@ def dispatch(workspace: str) -> None:
 
 #: acks_late is off on purpose: if the worker dies mid-apply, re-delivering the
 #: message would run terraform apply a second time over a half-applied state.
-#: The phase stays claimed instead, for the reconciler's lease check to fail.
+#: The phase stays claimed instead; until leases and heartbeats exist (a later
+#: issue) such a task stays planning/applying and needs an operator.
 @app.task(name=TASK_EXECUTE, acks_late=False)
 def execute(handoff: dict[str, Any]) -> None:
     def run(rt: Runtime) -> None:
