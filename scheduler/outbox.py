@@ -53,11 +53,17 @@ def attach(session: Session, publisher: Publisher, after_commit: AfterCommit | N
             seen.add(message)
             try:
                 publisher.publish(message)
-            except Exception:
-                log.exception(
-                    "publishing %s%s failed after commit; the reconciler will re-send it",
+            except Exception as exc:
+                # Usually the broker is unreachable: one line says so; the
+                # traceback is for -vv / DEBUG.
+                log.error(  # noqa: TRY400 - the traceback only at DEBUG, see above
+                    "publishing %s%s failed after commit (%s: %s); the work is saved "
+                    "and the reconciler will re-send it",
                     message.task,
                     message.args,
+                    type(exc).__name__,
+                    exc,
+                    exc_info=log.isEnabledFor(logging.DEBUG),
                     extra={"action": "publish_failed", "message_task": message.task},
                 )
 
