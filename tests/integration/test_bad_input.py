@@ -22,24 +22,10 @@ from scheduler.states import TaskStatus, TaskType
 from tests.integration.helpers import (
     PLAN_NO_CHANGES,
     counts,
-    make_workspace,
     recorder,
     run_phase,
     snapshot,
 )
-
-
-@pytest.fixture
-def src(tmp_path: Path) -> Path:
-    path = tmp_path / "src"
-    path.mkdir()
-    return path
-
-
-@pytest.fixture
-def ws(rt: Runtime, src: Path) -> str:
-    make_workspace(rt, "net", src)
-    return "net"
 
 
 def unchanged(rt: Runtime, action: Callable[[], object], error: type[SchedulerError]) -> str:

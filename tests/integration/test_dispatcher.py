@@ -45,19 +45,6 @@ PA = TaskType.PLAN_AND_APPLY
 
 
 @pytest.fixture
-def src(tmp_path: Path) -> Path:
-    path = tmp_path / "src"
-    path.mkdir()
-    return path
-
-
-@pytest.fixture
-def ws(rt: Runtime, src: Path) -> str:
-    make_workspace(rt, "net", src)
-    return "net"
-
-
-@pytest.fixture
 def redis(redis_url: str) -> Iterator[Redis]:
     client = Redis.from_url(redis_url)
     yield client

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import pytest
 
@@ -17,7 +16,6 @@ from tests.integration.helpers import (
     chain,
     finish,
     last_handoff,
-    make_workspace,
     rejected_reports,
     snapshot,
     start,
@@ -25,12 +23,6 @@ from tests.integration.helpers import (
 )
 
 S = TaskStatus
-
-
-@pytest.fixture
-def ws(rt: Runtime, tmp_path: Path) -> str:
-    make_workspace(rt, "net", tmp_path / "src")
-    return "net"
 
 
 def _claimed_plan(rt: Runtime, ws: str, task_type: TaskType = TaskType.PLAN) -> int:

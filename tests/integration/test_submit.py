@@ -18,13 +18,6 @@ from scheduler.states import DispatchMode, TaskStatus, TaskType
 from tests.integration.helpers import claim_plans, counts, dispatches, make_workspace
 
 
-@pytest.fixture
-def src(tmp_path: Path) -> Path:
-    path = tmp_path / "src"
-    path.mkdir()
-    return path
-
-
 def test_submit_inserts_pending_task_and_creation_event(rt: Runtime, src: Path) -> None:
     make_workspace(rt, "net", src)
     t = tasks.submit(rt, "net", "plan_and_apply", message="bump vpc", created_by="alice")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,15 +14,9 @@ from scheduler.models import Task, TaskEvent
 from scheduler.runtime import Runtime
 from scheduler.states import ACTIVE_APPLY, TaskStatus, TaskType
 from scheduler.transitions import transition
-from tests.integration.helpers import chain, counts, fence, make_workspace, snapshot, status
+from tests.integration.helpers import chain, counts, fence, snapshot, status
 
 S = TaskStatus
-
-
-@pytest.fixture
-def ws(rt: Runtime, tmp_path: Path) -> str:
-    make_workspace(rt, "net", tmp_path / "src")
-    return "net"
 
 
 def test_claim_moves_status_bumps_fence_and_writes_one_event(rt: Runtime, ws: str) -> None:
