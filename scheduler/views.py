@@ -99,11 +99,9 @@ class TaskView:
         )
 
     def to_json(self) -> dict[str, Any]:
-        changes = (
-            None
-            if self.add is None
-            else {"add": self.add, "change": self.change, "destroy": self.destroy}
-        )
+        # Always an object, so `changes.add` never needs a null check on the
+        # container; the counts are null until a plan has produced them.
+        changes = {"add": self.add, "change": self.change, "destroy": self.destroy}
         return {
             "id": self.id,
             "workspace": self.workspace,

@@ -110,7 +110,7 @@ def test_cli_end_to_end(cli: Cli, redis_url: str) -> None:
         "net",
         "plan",
         "pending",
-        None,
+        {"add": None, "change": None, "destroy": None},
     )
     assert plan["started_at"] is None and plan["finished_at"] is None and plan["error"] is None
     pa = cli.ok("submit", "net", "--type", "plan_and_apply")
