@@ -4,7 +4,7 @@ lock, the manual lock, apply claims, wake-ups and failed hand-offs."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -12,7 +12,7 @@ from redis import Redis
 from sqlalchemy import event, text
 from sqlalchemy.orm import ORMExecuteState
 
-from executors.base import Handoff
+from executors.base import Handoff, PhaseResult
 from executors.fake import FakeLauncher
 from scheduler import dispatcher, tasks, workspaces
 from scheduler.locks import lock_key
@@ -330,42 +330,52 @@ def _through_plan(rt: Runtime, ws: str, result: object = PLAN_WITH_CHANGES) -> i
     return t.id
 
 
-@pytest.mark.parametrize(
-    "ending", ["applied", "apply_failed", "plan_failed", "discarded", "cancelled", "success"]
-)
+Setup = Callable[[Runtime, str], tuple[int, Handoff | None]]
+End = Callable[[Runtime, int, Handoff | None], object]
+
+
+def _plan_claimed(rt: Runtime, ws: str) -> tuple[int, Handoff | None]:
+    t = tasks.submit(rt, ws, PA).id
+    dispatcher.dispatch(rt, ws)
+    return t, last_handoff(rt, t)
+
+
+def _planned(rt: Runtime, ws: str) -> tuple[int, Handoff | None]:
+    return _through_plan(rt, ws), None
+
+
+def _apply_claimed(rt: Runtime, ws: str) -> tuple[int, Handoff | None]:
+    t = _through_plan(rt, ws)
+    tasks.confirm(rt, t)
+    dispatcher.dispatch(rt, ws)
+    return t, last_handoff(rt, t)
+
+
+def _report(result: PhaseResult) -> End:
+    def end(rt: Runtime, _t: int, h: Handoff | None) -> None:
+        assert h is not None
+        run_phase(rt, h, result)
+
+    return end
+
+
+#: How each way a plan+apply can end is reached, and the status it ends in.
+ENDINGS: dict[str, tuple[Setup, End, TaskStatus]] = {
+    "plan_failed": (_plan_claimed, _report(PLAN_FAILED), S.FAILED),
+    "success": (_plan_claimed, _report(PLAN_NO_CHANGES), S.SUCCESS),
+    "discarded": (_planned, lambda rt, t, _h: tasks.discard(rt, t, reason="no"), S.DISCARDED),
+    "cancelled": (_planned, lambda rt, t, _h: tasks.cancel(rt, t), S.CANCELLED),
+    "applied": (_apply_claimed, _report(APPLY_OK), S.APPLIED),
+    "apply_failed": (_apply_claimed, _report(PLAN_FAILED), S.FAILED),
+}
+
+
+@pytest.mark.parametrize("ending", sorted(ENDINGS))
 def test_plan_and_apply_end_wakes_the_dispatcher(rt: Runtime, ws: str, ending: str) -> None:
-    if ending == "plan_failed":
-        t = tasks.submit(rt, ws, PA).id
-        dispatcher.dispatch(rt, ws)
-        h = last_handoff(rt, t)
-        recorder(rt).sent.clear()
-        run_phase(rt, h, PLAN_FAILED)
-        expected = S.FAILED
-    elif ending == "success":
-        t = tasks.submit(rt, ws, PA).id
-        dispatcher.dispatch(rt, ws)
-        h = last_handoff(rt, t)
-        recorder(rt).sent.clear()
-        run_phase(rt, h, PLAN_NO_CHANGES)
-        expected = S.SUCCESS
-    elif ending == "discarded":
-        t = _through_plan(rt, ws)
-        recorder(rt).sent.clear()
-        tasks.discard(rt, t, reason="not today")
-        expected = S.DISCARDED
-    elif ending == "cancelled":
-        t = _through_plan(rt, ws)
-        recorder(rt).sent.clear()
-        tasks.cancel(rt, t)
-        expected = S.CANCELLED
-    else:
-        t = _through_plan(rt, ws)
-        tasks.confirm(rt, t)
-        dispatcher.dispatch(rt, ws)
-        h = last_handoff(rt, t)
-        recorder(rt).sent.clear()
-        run_phase(rt, h, APPLY_OK if ending == "applied" else PLAN_FAILED)
-        expected = S.APPLIED if ending == "applied" else S.FAILED
+    setup, end, expected = ENDINGS[ending]
+    t, handoff = setup(rt, ws)
+    recorder(rt).sent.clear()
+    end(rt, t, handoff)
     assert status(rt, t) is expected
     assert dispatches(rt) == [ws]
 
