@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from scheduler.messages import RecordingPublisher
 from scheduler.runtime import Runtime
+from scheduler.settings import Settings
+from scheduler.states import DispatchMode
 from tests.integration.helpers import make_workspace
 
 
@@ -23,3 +27,15 @@ def ws(rt: Runtime, src: Path) -> str:
     """A local workspace named ``net``."""
     make_workspace(rt, "net", src)
     return "net"
+
+
+@pytest.fixture
+def legacy_rt(settings: Settings) -> Iterator[Runtime]:
+    """A runtime in RUNQ_DISPATCH_MODE=legacy, with its own recording publisher."""
+    runtime = Runtime(
+        settings=settings.model_copy(update={"dispatch_mode": DispatchMode.LEGACY}),
+        publisher=RecordingPublisher(),
+        actor="legacy",
+    )
+    yield runtime
+    runtime.close()

@@ -16,10 +16,8 @@ from executors.base import Handoff, PhaseResult
 from executors.fake import FakeLauncher
 from scheduler import dispatcher, tasks, workspaces
 from scheduler.locks import lock_key
-from scheduler.messages import RecordingPublisher
 from scheduler.models import Task, Workspace
 from scheduler.runtime import Runtime
-from scheduler.settings import Settings
 from scheduler.states import DispatchMode, ExecutionMode, Phase, TaskStatus, TaskType
 from tests.integration.helpers import (
     APPLY_OK,
@@ -415,48 +413,34 @@ def test_plan_with_changes_is_success_not_apply_pending(rt: Runtime, ws: str) ->
 # ---------------------------------------------------------------- legacy mode
 
 
-def test_legacy_mode_serializes_plans_behind_plan_and_apply(settings: Settings, src: Path) -> None:
-    rt = Runtime(
-        settings=settings.model_copy(update={"dispatch_mode": DispatchMode.LEGACY}),
-        publisher=RecordingPublisher(),
-        actor="legacy",
-    )
-    try:
-        make_workspace(rt, "net", src)
-        pa = tasks.submit(rt, "net", PA)
-        plan = tasks.submit(rt, "net", TaskType.PLAN)
-        assert dispatcher.dispatch(rt, "net").task_id == pa.id
-        assert dispatcher.dispatch(rt, "net").action == "skipped"
-        assert status(rt, plan.id) is S.PENDING
-        run_phase(rt, pa.id, PLAN_NO_CHANGES)
-        assert dispatcher.dispatch(rt, "net").task_id == plan.id
-        # A running plan holds the workspace in legacy mode, and its end wakes it.
-        pa2 = tasks.submit(rt, "net", PA)
-        assert dispatcher.dispatch(rt, "net").action == "skipped"
-        h = last_handoff(rt, plan.id)
-        recorder(rt).sent.clear()
-        run_phase(rt, h, PLAN_NO_CHANGES)
-        assert dispatches(rt) == ["net"]
-        assert dispatcher.dispatch(rt, "net").task_id == pa2.id
-    finally:
-        rt.close()
+def test_legacy_mode_serializes_plans_behind_plan_and_apply(legacy_rt: Runtime, src: Path) -> None:
+    rt = legacy_rt
+    make_workspace(rt, "net", src)
+    pa = tasks.submit(rt, "net", PA)
+    plan = tasks.submit(rt, "net", TaskType.PLAN)
+    assert dispatcher.dispatch(rt, "net").task_id == pa.id
+    assert dispatcher.dispatch(rt, "net").action == "skipped"
+    assert status(rt, plan.id) is S.PENDING
+    run_phase(rt, pa.id, PLAN_NO_CHANGES)
+    assert dispatcher.dispatch(rt, "net").task_id == plan.id
+    # A running plan holds the workspace in legacy mode, and its end wakes it.
+    pa2 = tasks.submit(rt, "net", PA)
+    assert dispatcher.dispatch(rt, "net").action == "skipped"
+    h = last_handoff(rt, plan.id)
+    recorder(rt).sent.clear()
+    run_phase(rt, h, PLAN_NO_CHANGES)
+    assert dispatches(rt) == ["net"]
+    assert dispatcher.dispatch(rt, "net").task_id == pa2.id
 
 
-def test_legacy_mode_manual_lock_lets_plans_through(settings: Settings, src: Path) -> None:
-    rt = Runtime(
-        settings=settings.model_copy(update={"dispatch_mode": DispatchMode.LEGACY}),
-        publisher=RecordingPublisher(),
-        actor="legacy",
-    )
-    try:
-        make_workspace(rt, "net", src)
-        workspaces.lock(rt, "net", holder="carol")
-        pa = tasks.submit(rt, "net", PA)
-        plan = tasks.submit(rt, "net", TaskType.PLAN)
-        assert dispatcher.dispatch(rt, "net").task_id == plan.id
-        assert status(rt, pa.id) is S.PENDING
-    finally:
-        rt.close()
+def test_legacy_mode_manual_lock_lets_plans_through(legacy_rt: Runtime, src: Path) -> None:
+    rt = legacy_rt
+    make_workspace(rt, "net", src)
+    workspaces.lock(rt, "net", holder="carol")
+    pa = tasks.submit(rt, "net", PA)
+    plan = tasks.submit(rt, "net", TaskType.PLAN)
+    assert dispatcher.dispatch(rt, "net").task_id == plan.id
+    assert status(rt, pa.id) is S.PENDING
 
 
 # ---------------------------------------------------------------- failed hand-off

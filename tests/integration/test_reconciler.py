@@ -8,11 +8,9 @@ from pathlib import Path
 from sqlalchemy import update
 
 from scheduler import dispatcher, messages, reconciler, tasks, workspaces
-from scheduler.messages import RecordingPublisher
 from scheduler.models import Task, utcnow
 from scheduler.runtime import Runtime
-from scheduler.settings import Settings
-from scheduler.states import DispatchMode, TaskStatus, TaskType
+from scheduler.states import TaskStatus, TaskType
 from tests.integration.helpers import (
     PLAN_WITH_CHANGES,
     claim_plans,
@@ -104,19 +102,12 @@ def test_unlock_makes_a_locked_workspace_owed_again(rt: Runtime, tmp_path: Path)
 
 
 def test_legacy_sweep_dispatches_workspaces_with_pending_plans(
-    settings: Settings, tmp_path: Path
+    legacy_rt: Runtime, tmp_path: Path
 ) -> None:
-    rt = Runtime(
-        settings=settings.model_copy(update={"dispatch_mode": DispatchMode.LEGACY}),
-        publisher=RecordingPublisher(),
-        actor="legacy",
-    )
-    try:
-        make_workspace(rt, "net", tmp_path / "src")
-        plan = tasks.submit(rt, "net", TaskType.PLAN)
-        _age(rt, plan.id, 3600)
-        recorder(rt).sent.clear()
-        assert reconciler.sweep(rt) == reconciler.Sweep(plans=[], workspaces=["net"])
-        assert recorder(rt).sent == [messages.dispatch("net")]
-    finally:
-        rt.close()
+    rt = legacy_rt
+    make_workspace(rt, "net", tmp_path / "src")
+    plan = tasks.submit(rt, "net", TaskType.PLAN)
+    _age(rt, plan.id, 3600)
+    recorder(rt).sent.clear()
+    assert reconciler.sweep(rt) == reconciler.Sweep(plans=[], workspaces=["net"])
+    assert recorder(rt).sent == [messages.dispatch("net")]

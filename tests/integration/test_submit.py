@@ -13,8 +13,7 @@ from scheduler.errors import NotImplementedYet
 from scheduler.messages import RecordingPublisher
 from scheduler.models import Task, Workspace
 from scheduler.runtime import Runtime
-from scheduler.settings import Settings
-from scheduler.states import DispatchMode, TaskStatus, TaskType
+from scheduler.states import TaskStatus, TaskType
 from tests.integration.helpers import claim_plans, counts, dispatches, make_workspace
 
 
@@ -72,20 +71,13 @@ def test_plan_goes_to_claim_plan_and_plan_and_apply_to_dispatch(rt: Runtime, src
     assert dispatches(rt) == ["net"]
 
 
-def test_legacy_mode_sends_plans_through_dispatch(settings: Settings, src: Path) -> None:
-    legacy = Runtime(
-        settings=settings.model_copy(update={"dispatch_mode": DispatchMode.LEGACY}),
-        publisher=RecordingPublisher(),
-        actor="test",
-    )
-    try:
-        make_workspace(legacy, "net", src)
-        tasks.submit(legacy, "net", TaskType.PLAN)
-        tasks.submit(legacy, "net", TaskType.PLAN_AND_APPLY)
-        assert claim_plans(legacy) == []
-        assert dispatches(legacy) == ["net", "net"]
-    finally:
-        legacy.close()
+def test_legacy_mode_sends_plans_through_dispatch(legacy_rt: Runtime, src: Path) -> None:
+    legacy = legacy_rt
+    make_workspace(legacy, "net", src)
+    tasks.submit(legacy, "net", TaskType.PLAN)
+    tasks.submit(legacy, "net", TaskType.PLAN_AND_APPLY)
+    assert claim_plans(legacy) == []
+    assert dispatches(legacy) == ["net", "net"]
 
 
 def test_message_is_published_only_after_the_callers_commit(rt: Runtime, src: Path) -> None:
