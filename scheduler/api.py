@@ -129,7 +129,9 @@ def wait(
     ids = list(task_ids)
     deadline = None if timeout is None else time.monotonic() + timeout
     while True:
-        views = [tasks.get(rt, i) for i in ids]
+        # One query per poll, not one per task: on SQLite every read takes
+        # the write lock, and workers are waiting for it.
+        views = tasks.get_many(rt, ids)
         if all(v.status in until for v in views):
             return views
         if deadline is not None and time.monotonic() >= deadline:

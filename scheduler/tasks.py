@@ -130,6 +130,21 @@ def get(rt: Runtime, task_id: int) -> TaskView:
         return TaskView.of(task, ws)
 
 
+def get_many(rt: Runtime, task_ids: Sequence[int]) -> list[TaskView]:
+    """The tasks ``task_ids``, in that order, read in one query."""
+    with rt.sessions() as s:
+        rows = s.execute(
+            select(Task, Workspace.name)
+            .join(Workspace, Workspace.id == Task.workspace_id)
+            .where(Task.id.in_(set(task_ids)))
+        ).all()
+    found = {task.id: TaskView.of(task, ws) for task, ws in rows}
+    missing = [i for i in task_ids if i not in found]
+    if missing:
+        raise TaskNotFound(f"task {missing[0]} does not exist")
+    return [found[i] for i in task_ids]
+
+
 def list_tasks(
     rt: Runtime,
     *,

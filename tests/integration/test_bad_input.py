@@ -153,3 +153,10 @@ def test_client_reports_the_same_errors(rt: Runtime, ws: str) -> None:
     unchanged(rt, lambda: client.submit("nope", "plan"), WorkspaceNotFound)
     unchanged(rt, lambda: client.submit(ws, "deploy"), InvalidInput)
     unchanged(rt, lambda: client.confirm(424242), TaskNotFound)
+
+
+def test_get_many_keeps_the_callers_order_and_names_a_missing_id(rt: Runtime, ws: str) -> None:
+    a, b = tasks.submit(rt, ws, "plan"), tasks.submit(rt, ws, "plan")
+    assert [v.id for v in tasks.get_many(rt, [b.id, a.id, b.id])] == [b.id, a.id, b.id]
+    with pytest.raises(TaskNotFound, match="task 424242 does not exist"):
+        tasks.get_many(rt, [a.id, 424242])
