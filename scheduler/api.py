@@ -47,9 +47,7 @@ class Client:
 
     def session(self) -> Session:
         """A session on runq's database, publishing runq's messages on commit."""
-        session = self.runtime.sessions()
-        self.runtime.attach(session)
-        return session
+        return self.runtime.sessions()
 
     def create_workspace(
         self,

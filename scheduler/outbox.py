@@ -16,7 +16,7 @@ import logging
 from collections.abc import Callable
 
 from sqlalchemy import event
-from sqlalchemy.orm import Session, SessionTransaction
+from sqlalchemy.orm import Session, SessionTransaction, sessionmaker
 
 from scheduler.messages import Message, Publisher
 
@@ -31,11 +31,20 @@ AfterCommit = Callable[[list[object]], list[Message]]
 _TRANSITIONS = "runq.transitions"
 
 
-def attach(session: Session, publisher: Publisher, after_commit: AfterCommit | None = None) -> None:
-    """Install the hooks on ``session`` once (idempotent)."""
-    if session.info.get(_HOOKED):
-        return
-    session.info[_HOOKED] = True
+def attach(
+    target: Session | sessionmaker[Session],
+    publisher: Publisher,
+    after_commit: AfterCommit | None = None,
+) -> None:
+    """Install the hooks on a session, or once on a sessionmaker for every
+    session it makes (idempotent: a session that has them is left alone)."""
+    if isinstance(target, Session):
+        if target.info.get(_HOOKED):
+            return
+        target.info[_HOOKED] = True
+    else:
+        # Sessions made by the factory carry the flag in their info.
+        target.configure(info={_HOOKED: True})
 
     def _send(sess: Session) -> None:
         # after_commit also fires when a SAVEPOINT is released (every
@@ -76,8 +85,8 @@ def attach(session: Session, publisher: Publisher, after_commit: AfterCommit | N
             sess.info.pop(_PENDING, None)
             sess.info.pop(_TRANSITIONS, None)
 
-    event.listen(session, "after_commit", _send)
-    event.listen(session, "after_transaction_end", _drop)
+    event.listen(target, "after_commit", _send)
+    event.listen(target, "after_transaction_end", _drop)
 
 
 def add(session: Session, message: Message) -> None:

@@ -42,7 +42,10 @@ class Runtime:
 
     @cached_property
     def sessions(self) -> sessionmaker[Session]:
-        return make_sessionmaker(self.engine)
+        """Sessions that publish runq's messages when they commit."""
+        factory = make_sessionmaker(self.engine)
+        outbox.attach(factory, self.publisher, self._wakeups)
+        return factory
 
     @cached_property
     def redis(self) -> Redis:
@@ -57,10 +60,8 @@ class Runtime:
     @contextmanager
     def transaction(self) -> Iterator[Session]:
         """A session in a transaction, committed on success."""
-        with self.sessions() as session:
-            self.attach(session)
-            with session.begin():
-                yield session
+        with self.sessions() as session, session.begin():
+            yield session
 
     def _wakeups(self, transitions: list[object]) -> list[Message]:
         """Messages owed after these transitions committed.

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import text
+from sqlalchemy.orm import Session
 
 from scheduler import messages, outbox
 from scheduler.messages import Message, RecordingPublisher
@@ -98,7 +99,9 @@ def test_publish_failure_is_logged_not_raised(
 
     down = Down()
     caplog.set_level(logging.ERROR, logger="scheduler.outbox")
-    with rt.sessions() as s:
+    # A plain session (not the runtime's, whose factory already publishes to
+    # the runtime's publisher), hooked to the failing publisher.
+    with Session(rt.engine) as s:
         outbox.attach(s, down)
         with s.begin():
             outbox.add(s, A)
@@ -153,3 +156,13 @@ def test_wakeups_one_per_workspace_sorted(tmp_path: Path) -> None:
         ]
     )
     assert got == [messages.dispatch("a"), messages.dispatch("b")]
+
+
+def test_runtime_sessions_publish_without_attach(rt: Runtime) -> None:
+    """Every session from the runtime's factory is hooked once, at the
+    factory; attaching again is a no-op (no double publish)."""
+    with rt.sessions() as s:
+        rt.attach(s)
+        with s.begin():
+            outbox.add(s, A)
+    assert sent(rt) == [A]
