@@ -7,11 +7,12 @@ first used, and :func:`_configure` builds it from :class:`Settings` then.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any
 
 from celery import Celery
-from celery.signals import worker_process_init
+from celery.signals import worker_process_init, worker_shutting_down
 
 from celery_app.config import celery_config
 from celery_app.runtime import build_runtime
@@ -69,3 +70,29 @@ def _fresh_runtime_after_fork(**_: Any) -> None:
     if _runtime is not None:
         _runtime.close()
     _runtime = None
+
+
+@worker_shutting_down.connect
+def _interrupt_running_phases(**_: Any) -> None:
+    """Pass the worker's SIGTERM on to its pool processes.
+
+    ``docker stop`` signals only the main process, and its warm shutdown
+    would wait for terraform until Docker's SIGKILL (10 s later) killed it
+    mid-write. A pool process running a phase turns SIGTERM into an interrupt
+    of terraform with a grace period shorter than Docker's
+    (``RUNQ_SHUTDOWN_GRACE``), so the state is saved and the phase handed
+    back; an idle pool process just exits, and its acks-late hint is
+    re-delivered.
+    """
+    import os
+    import signal
+    from pathlib import Path
+
+    me = os.getpid()
+    try:
+        children = Path(f"/proc/{me}/task/{me}/children").read_text().split()
+    except OSError:
+        return  # not Linux: the warm shutdown waits as Celery always has
+    for pid in children:
+        with contextlib.suppress(ProcessLookupError, ValueError):
+            os.kill(int(pid), signal.SIGTERM)

@@ -3,6 +3,11 @@
 ``claim_plan`` and ``dispatch`` are idempotent (they re-read the database and
 do nothing when the hint is stale), so they ack late and are re-queued if the
 worker dies under them. ``execute`` is not: see its note.
+
+Every argument is checked before anything runs: a message with the wrong
+shape, from a buggy or hostile publisher, is logged as rejected and changes
+nothing. Only a failure that may pass (the database or Redis down for a
+moment) is left to the reconciler.
 """
 
 from __future__ import annotations
@@ -11,11 +16,20 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from sqlalchemy.exc import InterfaceError, OperationalError
+
 from celery_app.app import app, runtime
-from executors.base import Handoff
 from executors.local import LocalRunner
-from scheduler import dispatcher, reconciler
-from scheduler.messages import TASK_CLAIM_PLAN, TASK_DISPATCH, TASK_EXECUTE, TASK_RECONCILE
+from scheduler import dispatcher, leases, reconciler
+from scheduler.errors import ConcurrentChange, InvalidInput
+from scheduler.messages import (
+    TASK_CLAIM_PLAN,
+    TASK_DISPATCH,
+    TASK_EXECUTE,
+    TASK_RECONCILE,
+    check_id,
+    check_workspace,
+)
 from scheduler.reports import DirectReporter
 from scheduler.runtime import Runtime
 from scheduler.states import ExecutionMode
@@ -23,45 +37,90 @@ from scheduler.states import ExecutionMode
 log = logging.getLogger(__name__)
 
 
+def _transient() -> tuple[type[BaseException], ...]:
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+
+    return (OperationalError, InterfaceError, RedisConnectionError, RedisTimeoutError)
+
+
 def _guarded(what: str, fn: Callable[[Runtime], object]) -> None:
-    """Run ``fn``; log a failure with its traceback instead of raising.
+    """Run ``fn``; log a failure instead of raising.
 
     A failed hint is not retried here (no countdowns: the database is the
-    queue); the reconciler re-sends what is still owed.
+    queue). A transient failure is left to the reconciler, which re-sends
+    what is still owed; anything else is a rejection or a bug, said as such.
     """
     try:
         fn(runtime())
-    except Exception:
-        log.exception(
-            "%s failed; the reconciler will retry what is still owed",
+    except InvalidInput as exc:
+        log.warning(
+            "%s rejected: %s", what, exc, extra={"action": "message_rejected", "what": what}
+        )
+    except _transient() as exc:
+        log.error(  # noqa: TRY400 - one line; the traceback only at DEBUG
+            "%s failed on %s (%s); the reconciler will re-send what is still owed",
             what,
+            type(exc).__name__,
+            str(exc).splitlines()[0] if str(exc) else "",
+            exc_info=log.isEnabledFor(logging.DEBUG),
             extra={"action": "task_error", "what": what},
         )
+    except Exception:
+        log.exception("%s failed", what, extra={"action": "task_error", "what": what})
+
+
+def _args(what: str, check: Callable[[], object]) -> bool:
+    try:
+        check()
+    except InvalidInput as exc:
+        log.warning(
+            "%s rejected: %s", what, exc, extra={"action": "message_rejected", "what": what}
+        )
+        return False
+    return True
 
 
 @app.task(name=TASK_CLAIM_PLAN, acks_late=True, reject_on_worker_lost=True)
-def claim_plan(task_id: int) -> None:
-    _guarded(f"claim_plan({task_id})", lambda rt: dispatcher.claim_plan(rt, task_id))
+def claim_plan(task_id: Any) -> None:
+    if _args("claim_plan", lambda: check_id(task_id, "task id")):
+        _guarded(f"claim_plan({task_id})", lambda rt: dispatcher.claim_plan(rt, task_id))
 
 
 @app.task(name=TASK_DISPATCH, acks_late=True, reject_on_worker_lost=True)
-def dispatch(workspace: str) -> None:
-    _guarded(f"dispatch({workspace})", lambda rt: dispatcher.dispatch(rt, workspace))
+def dispatch(workspace: Any) -> None:
+    if _args("dispatch", lambda: check_workspace(workspace)):
+        _guarded(f"dispatch({workspace})", lambda rt: dispatcher.dispatch(rt, workspace))
 
 
-#: acks_late is off on purpose: if the worker dies mid-apply, re-delivering the
-#: message would run terraform apply a second time over a half-applied state.
-#: The phase stays claimed instead; until leases and heartbeats exist (a later
-#: issue) such a task stays planning/applying and needs an operator.
+#: acks_late is off: a re-delivered message could do no harm (the start is a
+#: compare-and-set under the fence), but a claimed phase whose worker died
+#: before it started is the reconciler's to re-send, and a started one's
+#: lease lapses and is handled there. The message carries only the task id
+#: and the fence: what to run is read from the database.
 @app.task(name=TASK_EXECUTE, acks_late=False)
-def execute(handoff: dict[str, Any]) -> None:
-    def run(rt: Runtime) -> None:
-        h = Handoff.from_json(handoff)
-        if h.mode is not ExecutionMode.LOCAL:
-            raise ValueError(f"runs queue got a {h.mode} hand-off; only local runs here")
-        LocalRunner(rt.settings).run(h, DirectReporter(rt))
+def execute(task_id: Any, fence: Any = None) -> None:
+    what = f"execute(task {task_id!r}, fence {fence!r})"
+    if not _args(what, lambda: (check_id(task_id, "task id"), check_id(fence, "fence"))):
+        return
 
-    _guarded(f"execute(task {handoff.get('task_id')}, {handoff.get('phase')})", run)
+    def run(rt: Runtime) -> None:
+        try:
+            with rt.sessions() as s:
+                handoff = leases.load_handoff(s, rt.settings, task_id, fence)
+        except ConcurrentChange as exc:
+            log.info(
+                "%s skipped: %s (late, duplicate or forged)",
+                what,
+                exc,
+                extra={"action": "execute_skipped", "task_id": task_id},
+            )
+            return
+        if handoff.mode is not ExecutionMode.LOCAL:
+            raise InvalidInput(f"the runs queue got a {handoff.mode} task; only local runs here")
+        LocalRunner(rt.settings).run(handoff, DirectReporter(rt))
+
+    _guarded(what, run)
 
 
 @app.task(name=TASK_RECONCILE, acks_late=True)

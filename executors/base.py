@@ -16,6 +16,7 @@ slow or resurrected executor cannot move a task it no longer owns.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from enum import StrEnum
 from typing import Any, Protocol
 
 from scheduler.states import ExecutionMode, Phase
@@ -23,7 +24,13 @@ from scheduler.states import ExecutionMode, Phase
 
 @dataclass(frozen=True)
 class Handoff:
-    """Everything an executor needs to run one phase of one task."""
+    """Everything an executor needs to run one phase of one task.
+
+    Built by the scheduler from the database, never from a broker message:
+    a message carries only the task id and the fence (see
+    :func:`scheduler.leases.load_handoff`), so a forged message cannot choose
+    what runs.
+    """
 
     task_id: int
     workspace: str
@@ -34,6 +41,8 @@ class Handoff:
     mode: ExecutionMode
     source_dir: str | None = None
     agent_pool: str | None = None
+    #: Seconds this phase may run (the workspace's or the default timeout).
+    timeout: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -47,6 +56,19 @@ class Handoff:
                 "mode": ExecutionMode(data["mode"]),
             }
         )
+
+
+class StopReason(StrEnum):
+    """Why an executor stopped terraform early."""
+
+    #: A user cancelled the task (the scheduler said so in a heartbeat reply).
+    CANCEL = "cancel"
+    #: The phase ran past its timeout.
+    TIMEOUT = "timeout"
+    #: The worker running it is shutting down (SIGTERM, ``docker stop``).
+    SHUTDOWN = "shutdown"
+    #: The scheduler no longer recognises this executor's fence.
+    STALE = "stale"
 
 
 @dataclass(frozen=True)
@@ -64,6 +86,8 @@ class PhaseResult:
     changes: Changes | None = None
     #: Why it failed, in a line a user can act on.
     error: str | None = None
+    #: Set when runq stopped terraform before it finished on its own.
+    stopped: StopReason | None = None
 
 
 @dataclass(frozen=True)
@@ -75,6 +99,30 @@ class Started:
 
 
 @dataclass(frozen=True)
+class Heartbeat:
+    """The executor is alive and still running the phase: renew its lease."""
+
+    task_id: int
+    fence: int
+    phase: Phase
+
+
+@dataclass(frozen=True)
+class StateWritten:
+    """Terraform wrote a new state (mid-apply or at its end): store it.
+
+    Sent within a moment of each write, so the state a lost apply had
+    written is the workspace's state, and the next plan sees what it made.
+    """
+
+    task_id: int
+    fence: int
+    serial: int
+    lineage: str
+    content: bytes
+
+
+@dataclass(frozen=True)
 class Finished:
     task_id: int
     fence: int
@@ -82,16 +130,50 @@ class Finished:
     result: PhaseResult
 
 
-Report = Started | Finished
+Report = Started | Heartbeat | StateWritten | Finished
+
+
+class Directive(StrEnum):
+    """What the scheduler tells an executor in reply to a report."""
+
+    CONTINUE = "continue"
+    #: Interrupt terraform (SIGINT: it saves state and stops), kill it if it
+    #: has not stopped after a grace period.
+    INTERRUPT = "interrupt"
+    #: Kill terraform now.
+    KILL = "kill"
+
+
+@dataclass(frozen=True)
+class Reply:
+    accepted: bool
+    directive: Directive = Directive.CONTINUE
+    #: Why, for the executor's log (and the stop reason it reports).
+    reason: str = ""
+    stop: StopReason | None = None
+
+    @classmethod
+    def ok(cls) -> Reply:
+        return cls(True)
+
+    @classmethod
+    def stale(cls, reason: str) -> Reply:
+        # Someone else owns the phase now (it was re-claimed, or ended).
+        return cls(False, Directive.KILL, reason, StopReason.STALE)
 
 
 class Reporter(Protocol):
-    def report(self, report: Report) -> bool:
-        """Deliver ``report``; False if the scheduler rejected it as stale.
+    """The executor's line to the scheduler. Every report is fenced."""
 
-        A runner whose :class:`Started` is rejected must not run the phase:
-        someone else owns it now.
+    def report(self, report: Report) -> Reply:
+        """Deliver ``report``. A runner whose :class:`Started` is rejected
+        must not run the phase (someone else owns it now); a rejected
+        heartbeat or state write means it must stop terraform at once.
         """
+        ...
+
+    def current_state(self, handoff: Handoff) -> bytes | None:
+        """The workspace's newest stored Terraform state, if any."""
         ...
 
 

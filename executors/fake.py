@@ -12,7 +12,17 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from executors.base import Changes, Finished, Handoff, PhaseResult, Reporter, Started
+from executors.base import (
+    Changes,
+    Directive,
+    Finished,
+    Handoff,
+    Heartbeat,
+    PhaseResult,
+    Reporter,
+    Started,
+    StopReason,
+)
 from scheduler.states import Phase
 
 #: A plan that adds one resource, and a clean apply.
@@ -27,20 +37,30 @@ class FakeRunner:
     script: Callable[[Handoff], PhaseResult] = lambda h: (
         DEFAULT_PLAN if h.phase is Phase.PLAN else DEFAULT_APPLY
     )
-    #: Seconds each phase "runs".
+    #: Seconds each phase "runs", heartbeating every ``heartbeat`` seconds.
     duration: float = 0.0
+    heartbeat: float = 0.1
     ran: list[Handoff] = field(default_factory=list)
 
     def run(self, handoff: Handoff, reporter: Reporter) -> None:
         handle = f"fake:{handoff.task_id}:{handoff.phase}"
-        if not reporter.report(Started(handoff.task_id, handoff.fence, handoff.phase, handle)):
+        h = handoff
+        if not reporter.report(Started(h.task_id, h.fence, h.phase, handle)).accepted:
             return
         self.ran.append(handoff)
-        if self.duration:
-            time.sleep(self.duration)
-        reporter.report(
-            Finished(handoff.task_id, handoff.fence, handoff.phase, self.script(handoff))
-        )
+        deadline = time.monotonic() + self.duration
+        while time.monotonic() < deadline:
+            # Heartbeat as a real runner does, and obey a stop the same way.
+            reply = reporter.report(Heartbeat(h.task_id, h.fence, h.phase))
+            if reply.directive is Directive.KILL and not reply.accepted:
+                return
+            if reply.directive is not Directive.CONTINUE:
+                stopped = reply.stop or StopReason.CANCEL
+                result = PhaseResult(ok=False, error=reply.reason, stopped=stopped)
+                reporter.report(Finished(h.task_id, h.fence, h.phase, result))
+                return
+            time.sleep(min(self.heartbeat, max(0.0, deadline - time.monotonic())))
+        reporter.report(Finished(h.task_id, h.fence, h.phase, self.script(handoff)))
 
 
 @dataclass

@@ -4,22 +4,25 @@ Layout under ``RUNQ_DATA_DIR``::
 
     work/<task_id>/                working copy of the workspace's source dir
     work/<task_id>/runq.tfplan     the saved plan a plan+apply applies
+    work/<task_id>/runq.tfstate    this phase's private copy of the state
     logs/<task_id>/<phase>.log     stdout and stderr of every command
-    state/<workspace>/terraform.tfstate       the workspace's state
-    state/<workspace>/history/<task>.tfstate  the state each apply left
+
+The workspace's state is not on this disk: it is stored by the scheduler
+(:mod:`scheduler.artifacts`), fetched at the start of each phase, and every
+state an apply writes is reported back within a moment of the write.
 
 Hazards and what guards them:
 
 * A speculative plan must never take the state lock or write state, so plans
-  can run beside an apply. Every phase runs against a private snapshot of the
-  state in its working copy; plans also pass ``-lock=false``.
-* The workspace's state must only ever be seen whole. An apply's resulting
-  state is published with ``os.replace`` (atomic on POSIX), never written in
-  place, so a plan snapshotting it mid-apply reads the old or the new state.
-* A failed apply may still have created resources: its partial state is
-  published too, or the next apply would try to create them again.
+  can run beside an apply. Every phase runs against a private copy of the
+  state in its working copy; plans also pass ``-lock=false``, and only an
+  apply's state writes are reported.
+* A failed, cancelled or interrupted apply may still have created resources:
+  every state it wrote is stored, so the next plan sees them.
 * An apply must apply exactly what was reviewed: it runs the saved plan file;
   terraform refuses it if the state moved since the plan.
+* Process supervision (heartbeats, cancel, timeouts, parent death, SIGTERM)
+  is :mod:`executors.runner`'s, shared by every mode.
 """
 
 from __future__ import annotations
@@ -29,12 +32,20 @@ import logging
 import os
 import shutil
 import socket
-import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from executors.base import Changes, Finished, Handoff, PhaseResult, Reporter, Started
+from executors.base import (
+    Changes,
+    Finished,
+    Handoff,
+    PhaseResult,
+    Reporter,
+    Started,
+    StopReason,
+)
+from executors.runner import Completed, Stopped, Supervisor, Timing
 from scheduler.messages import QUEUE_RUNS, TASK_EXECUTE, Message, Publisher
 from scheduler.settings import Settings
 from scheduler.states import Phase
@@ -55,25 +66,30 @@ class LocalLauncher:
         self.publisher = publisher
 
     def launch(self, handoff: Handoff) -> str:
-        message_id = self.publisher.publish(Message(TASK_EXECUTE, QUEUE_RUNS, (handoff.to_json(),)))
+        # Only the id and the fence travel: the worker reads what to run from
+        # the database, so a forged message cannot choose it.
+        message_id = self.publisher.publish(execute(handoff.task_id, handoff.fence))
         return f"celery:{message_id}"
+
+
+def execute(task_id: int, fence: int) -> Message:
+    return Message(TASK_EXECUTE, QUEUE_RUNS, (task_id, fence))
 
 
 @dataclass(frozen=True)
 class Paths:
     work: Path
     log: Path
-    state: Path
-    history: Path
+
+    @property
+    def state(self) -> Path:
+        return self.work / STATE_FILE
 
     @classmethod
     def of(cls, settings: Settings, handoff: Handoff) -> Paths:
-        state_root = settings.state_dir / handoff.workspace
         return cls(
             work=settings.work_dir / str(handoff.task_id),
             log=settings.logs_dir / str(handoff.task_id) / f"{handoff.phase}.log",
-            state=state_root / "terraform.tfstate",
-            history=state_root / "history",
         )
 
 
@@ -84,14 +100,16 @@ class CommandFailed(Exception):
 
 
 class LocalRunner:
-    """Runs one phase with the real terraform binary."""
+    """Runs one phase with the real terraform binary, supervised."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
 
     def run(self, handoff: Handoff, reporter: Reporter) -> None:
         handle = f"local:{socket.gethostname()}:{os.getpid()}"
-        if not reporter.report(Started(handoff.task_id, handoff.fence, handoff.phase, handle)):
+        if not reporter.report(
+            Started(handoff.task_id, handoff.fence, handoff.phase, handle)
+        ).accepted:
             log.warning(
                 "task %s %s not started: the scheduler no longer gives it to this executor",
                 handoff.task_id,
@@ -99,23 +117,50 @@ class LocalRunner:
                 extra={"action": "run_abandoned", "task_id": handoff.task_id},
             )
             return
-        try:
-            result = self.run_phase(handoff)
-        except Exception as exc:
-            # Not a terraform failure (those are results): runq itself broke.
-            log.exception("task %s: executor error", handoff.task_id)
-            result = PhaseResult(ok=False, error=f"executor error: {type(exc).__name__}: {exc}")
-        reporter.report(Finished(handoff.task_id, handoff.fence, handoff.phase, result))
-
-    def run_phase(self, handoff: Handoff) -> PhaseResult:
         paths = Paths.of(self.settings, handoff)
         paths.log.parent.mkdir(parents=True, exist_ok=True)
-        env = self._env(handoff)
+        sup = Supervisor(
+            handoff,
+            reporter,
+            Timing(
+                heartbeat_interval=self.settings.heartbeat_interval,
+                kill_grace=self.settings.kill_grace,
+                shutdown_grace=self.settings.shutdown_grace,
+            ),
+            workdir=paths.work,
+            log_path=paths.log,
+            env=self._env(handoff),
+            state_file=None if handoff.phase is Phase.PLAN else paths.state,
+        )
+        with sup.shutdown_as_interrupt():
+            try:
+                result = self.run_phase(handoff, reporter, sup, paths)
+            except Stopped as exc:
+                result = PhaseResult(ok=False, error=str(exc), stopped=exc.reason)
+            except Exception as exc:
+                # Not a terraform failure (those are results): runq itself broke.
+                log.exception("task %s: executor error", handoff.task_id)
+                result = PhaseResult(ok=False, error=f"executor error: {type(exc).__name__}: {exc}")
+        if result.stopped is StopReason.STALE:
+            log.warning(
+                "task %s %s stopped: %s",
+                handoff.task_id,
+                handoff.phase,
+                result.error,
+                extra={"action": "run_superseded", "task_id": handoff.task_id},
+            )
+            return  # no report would be accepted, and none is owed
+        reporter.report(Finished(handoff.task_id, handoff.fence, handoff.phase, result))
+
+    def run_phase(
+        self, handoff: Handoff, reporter: Reporter, sup: Supervisor, paths: Paths
+    ) -> PhaseResult:
         try:
             if handoff.phase is Phase.PLAN:
-                return self._plan(handoff, paths, env)
-            return self._apply(handoff, paths, env)
+                return self._plan(handoff, reporter, sup, paths)
+            return self._apply(reporter, sup, paths, handoff)
         except CommandFailed as exc:
+            sup.check()  # a command that failed because runq stopped it
             log.info("task %s: %s", handoff.task_id, exc, extra={"action": "terraform_failed"})
             return PhaseResult(ok=False, error=str(exc))
         except FileNotFoundError as exc:
@@ -136,10 +181,13 @@ class LocalRunner:
             RUNQ_TASK_ID=str(handoff.task_id),
             RUNQ_WORKSPACE=handoff.workspace,
             RUNQ_PHASE=str(handoff.phase),
+            RUNQ_FENCE=str(handoff.fence),
         )
         return env
 
-    def _plan(self, handoff: Handoff, paths: Paths, env: dict[str, str]) -> PhaseResult:
+    def _plan(
+        self, handoff: Handoff, reporter: Reporter, sup: Supervisor, paths: Paths
+    ) -> PhaseResult:
         if not handoff.source_dir or not Path(handoff.source_dir).is_dir():
             return PhaseResult(
                 ok=False, error=f"source directory {handoff.source_dir!r} does not exist"
@@ -150,85 +198,43 @@ class LocalRunner:
         (paths.work / OVERRIDE_FILE).write_text(
             f'terraform {{\n  backend "local" {{\n    path = "{STATE_FILE}"\n  }}\n}}\n'
         )
-        self._snapshot_state(paths)
-        self._terraform(paths, env, "init", ["-input=false", "-no-color"])
+        sup.seed_state(reporter.current_state(handoff))
+        self._terraform(sup, "init", ["-input=false", "-no-color"])
         args = ["-input=false", "-no-color", "-detailed-exitcode", f"-out={PLAN_FILE}"]
         if handoff.speculative:
             args.append("-lock=false")
-        plan = self._terraform(paths, env, "plan", args, ok_codes=(0, 2))
-        changes = self._summarize(paths, env)
+        plan = self._terraform(sup, "plan", args, ok_codes=(0, 2))
+        proc = self._terraform(sup, "show", ["-json", "-no-color", PLAN_FILE], capture=True)
+        changes = summarize_plan(json.loads(proc.stdout))
         # -detailed-exitcode: 2 means changes, resources or outputs alike.
         return PhaseResult(ok=True, has_changes=plan.returncode == 2, changes=changes)
 
-    def _apply(self, handoff: Handoff, paths: Paths, env: dict[str, str]) -> PhaseResult:
+    def _apply(
+        self, reporter: Reporter, sup: Supervisor, paths: Paths, handoff: Handoff
+    ) -> PhaseResult:
         if not (paths.work / PLAN_FILE).is_file():
             return PhaseResult(ok=False, error=f"saved plan {paths.work / PLAN_FILE} is missing")
-        self._snapshot_state(paths)
-        before = self._read(paths.work / STATE_FILE)
-        try:
-            self._terraform(
-                paths, env, "apply", ["-input=false", "-no-color", "-auto-approve", PLAN_FILE]
-            )
-        finally:
-            after = self._read(paths.work / STATE_FILE)
-            if after is not None and after != before:
-                self._publish_state(handoff, paths)
+        sup.seed_state(reporter.current_state(handoff))
+        self._terraform(sup, "apply", ["-input=false", "-no-color", "-auto-approve", PLAN_FILE])
         return PhaseResult(ok=True)
-
-    def _snapshot_state(self, paths: Paths) -> None:
-        target = paths.work / STATE_FILE
-        if paths.state.is_file():
-            shutil.copyfile(paths.state, target)
-        elif target.exists():
-            target.unlink()
-
-    def _publish_state(self, handoff: Handoff, paths: Paths) -> None:
-        paths.history.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(paths.work / STATE_FILE, paths.history / f"{handoff.task_id}.tfstate")
-        tmp = paths.state.with_suffix(f".tmp-{handoff.task_id}")
-        shutil.copyfile(paths.work / STATE_FILE, tmp)
-        os.replace(tmp, paths.state)
-
-    @staticmethod
-    def _read(path: Path) -> bytes | None:
-        return path.read_bytes() if path.is_file() else None
-
-    def _summarize(self, paths: Paths, env: dict[str, str]) -> Changes:
-        proc = self._terraform(paths, env, "show", ["-json", "-no-color", PLAN_FILE], capture=True)
-        return summarize_plan(json.loads(proc.stdout))
 
     def _terraform(
         self,
-        paths: Paths,
-        env: dict[str, str],
+        sup: Supervisor,
         command: str,
         args: Sequence[str],
         *,
         ok_codes: Sequence[int] = (0,),
         capture: bool = False,
-    ) -> subprocess.CompletedProcess[str]:
+    ) -> Completed:
         """Run one terraform command, its output appended to the phase log.
 
         With ``capture``, stdout is returned instead (machine-readable JSON
         must not be mixed into the log); stderr still goes to the log.
         """
-        argv = [self.settings.terraform_bin, command, *args]
-        with paths.log.open("a", encoding="utf-8") as logf:
-            logf.write(f"$ {' '.join(argv)}\n")
-            logf.flush()
-            proc = subprocess.run(
-                argv,
-                cwd=paths.work,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE if capture else logf,
-                stderr=logf if capture else subprocess.STDOUT,
-                text=True,
-                check=False,
-            )
-            logf.write(f"[exit {proc.returncode}]\n")
+        proc = sup.run([self.settings.terraform_bin, command, *args], capture=capture)
         if proc.returncode not in ok_codes:
-            raise CommandFailed(command, proc.returncode, _error_line(paths.log))
+            raise CommandFailed(command, proc.returncode, _error_line(sup.log_path))
         return proc
 
 

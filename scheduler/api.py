@@ -57,6 +57,8 @@ class Client:
         source_dir: str | None = None,
         auto_apply: bool = False,
         agent_pool: str | None = None,
+        plan_timeout: float | None = None,
+        apply_timeout: float | None = None,
     ) -> WorkspaceView:
         return workspaces.create(
             self.runtime,
@@ -65,6 +67,8 @@ class Client:
             source_dir=source_dir,
             auto_apply=auto_apply,
             agent_pool=agent_pool,
+            plan_timeout=plan_timeout,
+            apply_timeout=apply_timeout,
         )
 
     def submit(
@@ -94,8 +98,10 @@ class Client:
     def discard(self, task_id: int) -> TaskView:
         return tasks.discard(self.runtime, task_id)
 
-    def cancel(self, task_id: int) -> TaskView:
-        return tasks.cancel(self.runtime, task_id)
+    def cancel(self, task_id: int, *, force: bool = False) -> TaskView:
+        """Cancel ``task_id``; a running phase is interrupted (``force``: killed).
+        Returns at once; :meth:`wait` for the task to end."""
+        return tasks.cancel(self.runtime, task_id, force=force)
 
     def events(self, task_ids: Sequence[int] | None = None) -> list[EventView]:
         return tasks.events(self.runtime, task_ids)

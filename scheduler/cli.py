@@ -20,7 +20,7 @@ import click
 
 from scheduler.errors import NotFound, SchedulerError
 from scheduler.settings import Settings
-from scheduler.states import ExecutionMode
+from scheduler.states import RUNNING, ExecutionMode
 from scheduler.views import EventView, TaskView, WorkspaceView
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -136,6 +136,8 @@ def _print_workspace(ws: WorkspaceView) -> None:
         f"  {lock if ws.locked else 'unlocked'}"
         + (f"  dir={ws.source_dir}" if ws.source_dir else "")
         + (f"  pool={ws.agent_pool}" if ws.agent_pool else "")
+        + (f"  plan_timeout={ws.plan_timeout:g}s" if ws.plan_timeout else "")
+        + (f"  apply_timeout={ws.apply_timeout:g}s" if ws.apply_timeout else "")
     )
 
 
@@ -145,6 +147,10 @@ def _print_workspace(ws: WorkspaceView) -> None:
 @click.option("--dir", "source_dir", type=click.Path(), help="Terraform configuration (local).")
 @click.option("--auto-apply", is_flag=True, help="Apply without waiting for confirmation.")
 @click.option("--agent-pool", help="Agent pool name (agent mode).")
+@click.option(
+    "--plan-timeout", type=float, help="Seconds a plan may run (default RUNQ_PLAN_TIMEOUT)."
+)
+@click.option("--apply-timeout", type=float, help="Seconds an apply may run (RUNQ_APPLY_TIMEOUT).")
 def create(
     out: Output,
     name: str,
@@ -152,10 +158,52 @@ def create(
     source_dir: str | None,
     auto_apply: bool,
     agent_pool: str | None,
+    plan_timeout: float | None,
+    apply_timeout: float | None,
 ) -> None:
     """Create workspace NAME."""
     ws = client().create_workspace(
-        name, mode=mode, source_dir=source_dir, auto_apply=auto_apply, agent_pool=agent_pool
+        name,
+        mode=mode,
+        source_dir=source_dir,
+        auto_apply=auto_apply,
+        agent_pool=agent_pool,
+        plan_timeout=plan_timeout,
+        apply_timeout=apply_timeout,
+    )
+    out.emit(ws.to_json(), lambda: _print_workspace(ws))
+
+
+def _timeout_option(value: str | None) -> float | None:
+    """'default' means back to the settings' default; a number is seconds."""
+    from scheduler import workspaces
+    from scheduler.errors import InvalidInput
+
+    if value is None:
+        return workspaces.KEEP
+    if value == "default":
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        raise InvalidInput(f"a timeout is seconds or 'default', got {value!r}") from None
+
+
+@command(workspace, "set")
+@click.argument("name")
+@click.option("--plan-timeout", help="Seconds, or 'default'.")
+@click.option("--apply-timeout", help="Seconds, or 'default'.")
+def set_workspace(
+    out: Output, name: str, plan_timeout: str | None, apply_timeout: str | None
+) -> None:
+    """Change workspace NAME's settings (running phases see it at once)."""
+    from scheduler import workspaces
+
+    ws = workspaces.set_timeouts(
+        client().runtime,
+        name,
+        plan_timeout=_timeout_option(plan_timeout),
+        apply_timeout=_timeout_option(apply_timeout),
     )
     out.emit(ws.to_json(), lambda: _print_workspace(ws))
 
@@ -205,10 +253,36 @@ def _print_task(t: TaskView) -> None:
     )
 
 
+def _ago(value: str | None) -> str:
+    from datetime import UTC, datetime
+
+    if value is None:
+        return "never"
+    seconds = (datetime.now(UTC) - datetime.fromisoformat(value)).total_seconds()
+    return f"{value} ({seconds:.0f}s ago)"
+
+
 def _print_task_detail(t: TaskView, events: list[EventView]) -> None:
     for key, value in t.to_json().items():
-        if value is not None:
+        if value is not None and key not in {"executor", "cancel"}:
             click.echo(f"{key:>16}: {value}")
+    executor = t.executor_json()
+    if executor is not None:
+        if executor["started"]:
+            click.echo(
+                f"{'executor':>16}: {executor['handle']}, last heard from "
+                f"{_ago(executor['last_heard_at'])}; lease until {executor['lease_expires_at']}"
+            )
+        else:
+            click.echo(
+                f"{'executor':>16}: none has started it yet (hand-off sent "
+                f"{executor['handoff_attempts']} time(s))"
+            )
+    if t.cancel_requested_at is not None and t.status in RUNNING:
+        click.echo(
+            f"{'cancel':>16}: requested by {t.cancel_requested_by}"
+            f"{' (force)' if t.cancel_force else ''}, waiting for the executor to stop terraform"
+        )
     click.echo("          events:")
     for e in events:
         click.echo(
@@ -277,9 +351,25 @@ def discard(out: Output, task_id: int) -> None:
 
 @command(main)
 @click.argument("task_id", type=int)
-def cancel(out: Output, task_id: int) -> None:
-    """Cancel task ID (not yet running: pending, or waiting for/after confirmation)."""
-    t = client().cancel(task_id)
+@click.option("--force", is_flag=True, help="Kill terraform at once instead of interrupting it.")
+@click.option(
+    "--wait/--no-wait", default=True, show_default=True, help="Wait until the task has ended."
+)
+@click.option(
+    "--timeout", type=float, default=None, help="Give up waiting after S seconds (exit 4)."
+)
+def cancel(out: Output, task_id: int, force: bool, wait: bool, timeout: float | None) -> None:
+    """Cancel task ID. A running plan or apply is interrupted (SIGINT: terraform
+    saves its state and stops; a cancelled apply keeps the state it wrote), or
+    with --force killed at once; --force also ends a task whose executor is gone."""
+    from scheduler.states import TERMINAL
+
+    c = client()
+    t = c.cancel(task_id, force=force)
+    if wait and t.status not in TERMINAL:
+        if not out.as_json:
+            click.echo(f"task {task_id}: cancel requested; waiting for terraform to stop", err=True)
+        [t] = c.wait([task_id], timeout=timeout, until=TERMINAL)
     out.emit(t.to_json(), lambda: _print_task(t))
 
 

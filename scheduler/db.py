@@ -26,20 +26,42 @@ SQLITE_BUSY_TIMEOUT_MS = 60_000
 MIGRATIONS = Path(__file__).parent / "migrations"
 
 
-def make_engine(url: str, **kwargs: Any) -> Engine:
+def pg_session_limits(
+    *, lock_timeout: float, statement_timeout: float, idle_in_transaction: float
+) -> dict[str, Any]:
+    """psycopg connect arguments that bound what one client can hold.
+
+    Without them, a client paused inside a transaction (SIGSTOP, a VM
+    freeze) keeps its row locks forever, and every later statement that
+    needs those rows waits, one more pool process each time, until none is
+    left. With them, waiters give up after ``lock_timeout`` and the paused
+    session is ended after ``idle_in_transaction``.
+    """
+
+    def ms(seconds: float) -> int:
+        return max(1, round(seconds * 1000))
+
+    options = (
+        f"-c lock_timeout={ms(lock_timeout)} -c statement_timeout={ms(statement_timeout)} "
+        f"-c idle_in_transaction_session_timeout={ms(idle_in_transaction)}"
+    )
+    # connect_timeout: a dead server must not hang a heartbeat for minutes.
+    return {"options": options, "connect_timeout": 10}
+
+
+def make_engine(url: str, *, pg_connect_args: dict[str, Any] | None = None) -> Engine:
     parsed = make_url(url)
     if parsed.get_backend_name() == "postgresql" and parsed.drivername == "postgresql":
         # Plain postgresql:// would pick psycopg2, which runq does not ship.
         parsed = parsed.set(drivername="postgresql+psycopg")
     if parsed.get_backend_name() != "sqlite":
-        return create_engine(parsed, pool_pre_ping=True, **kwargs)
+        return create_engine(parsed, pool_pre_ping=True, connect_args=pg_connect_args or {})
 
     if parsed.database and parsed.database != ":memory:":
         Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
     engine = create_engine(
         parsed,
         connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000, "check_same_thread": False},
-        **kwargs,
     )
 
     @event.listens_for(engine, "connect")

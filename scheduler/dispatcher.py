@@ -12,8 +12,15 @@ Two paths, by task type:
   is a conditional UPDATE that also bumps the fencing token; the partial
   unique index refuses a second active plan+apply even if the lock lied.
 
-Either way the hand-off happens after the claim commits, and a failed hand-off
-fails the task (which frees the workspace for the next one).
+Either way the hand-off happens after the claim commits. A hand-off that
+fails (the broker is down) is not fatal: the claim stays, unstarted, and the
+reconciler re-sends it under the same fence (see :mod:`scheduler.leases`).
+
+No dispatcher ever waits for the workspace lock. One that finds it busy marks
+the workspace *dirty* and leaves; the holder looks at the mark after it
+releases the lock and runs once more. So a wake-up is never lost, and a
+paused lock holder pins no other process (it costs its own workspace, until
+the lock's TTL and PostgreSQL's session timeouts free it).
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from sqlalchemy.orm import Session
 
 from executors import launcher_for
 from executors.base import Handoff
+from scheduler import leases
 from scheduler.errors import ConcurrentChange, IllegalTransition
 from scheduler.locks import workspace_lock
 from scheduler.models import Task, Workspace
@@ -34,8 +42,6 @@ from scheduler.states import (
     ACTIVE_APPLY,
     RUNNING,
     DispatchMode,
-    ExecutionMode,
-    Phase,
     TaskStatus,
     TaskType,
 )
@@ -82,69 +88,38 @@ def _log(decision: Decision, verb: str = "dispatch", lock: str = "none") -> Deci
     return decision
 
 
-def _handoff(task: Task, ws: Workspace, phase: Phase, fence: int) -> Handoff:
-    return Handoff(
-        task_id=task.id,
-        workspace=ws.name,
-        phase=phase,
-        fence=fence,
-        speculative=task.type == TaskType.PLAN,
-        mode=ExecutionMode(ws.execution_mode),
-        source_dir=ws.source_dir,
-        agent_pool=ws.agent_pool,
-    )
-
-
 def _claim(
     rt: Runtime, s: Session, task: Task, ws: Workspace, to: TaskStatus, reason: str
 ) -> Handoff:
     seen = TaskStatus(task.status)
     try:
-        done = transition(
-            s,
-            task.id,
-            to,
-            actor=rt.actor,
-            reason=reason,
-            expect={seen},
-            new_fence=True,
-            # A new claim starts a new phase: no executor has started it yet.
-            values={"executor_handle": None},
-        )
+        transition(s, task.id, to, actor=rt.actor, reason=reason, expect={seen})
     except IllegalTransition as exc:
         # The move from what we read is legal, so the task moved on between
         # our read and transition()'s (another claimer committed first, or a
         # cancel did): a lost race, not an error.
         raise ConcurrentChange(f"task {task.id} is no longer {seen}: {exc}") from exc
-    phase = Phase.PLAN if to is TaskStatus.PLANNING else Phase.APPLY
-    return _handoff(task, ws, phase, done.fence)
+    s.refresh(task)
+    return leases.handoff_of(rt.settings, task, ws)
 
 
 def hand_off(rt: Runtime, handoff: Handoff) -> None:
-    """Give a committed claim to its executor; fail the task if that fails."""
+    """Give a committed claim to its executor. If that fails, the claim stays
+    and the reconciler re-sends it (a bounded number of times)."""
     try:
         handle = launcher_for(handoff.mode, rt.publisher).launch(handoff)
     except Exception as exc:
-        reason = f"hand-off to {handoff.mode} executor failed: {exc}"
-        log.exception(
-            "task %s: %s",
+        log.error(  # noqa: TRY400 - one line; the traceback only at DEBUG
+            "task %s: hand-off of fence %s to the %s executor failed (%s: %s); "
+            "the reconciler will re-send it",
             handoff.task_id,
-            reason,
+            handoff.fence,
+            handoff.mode,
+            type(exc).__name__,
+            exc,
+            exc_info=log.isEnabledFor(logging.DEBUG),
             extra={"action": "handoff_failed", "task_id": handoff.task_id},
         )
-        try:
-            with rt.transaction() as s:
-                transition(
-                    s,
-                    handoff.task_id,
-                    TaskStatus.FAILED,
-                    actor=rt.actor,
-                    reason="hand-off failed",
-                    fence=handoff.fence,
-                    values={"error": reason},
-                )
-        except ConcurrentChange:
-            pass  # someone else already moved it on
         return
     log.info(
         "task %s %s phase handed to %s (%s)",
@@ -192,26 +167,36 @@ def claim_plan(rt: Runtime, task_id: int) -> Decision:
     )
 
 
+#: Passes one dispatch makes while others keep marking the workspace dirty;
+#: past it, the last marker's message (or the reconciler) carries on.
+MAX_PASSES = 10
+
+
 def dispatch(rt: Runtime, workspace: str) -> Decision:
     """Take the next step for ``workspace`` under its Redis lock."""
-    settings = rt.settings
-    with workspace_lock(
-        rt.redis, workspace, ttl=settings.lock_ttl, wait=settings.lock_wait
-    ) as held:
-        if not held:
-            return _log(
-                Decision(workspace, "lock_busy", f"lock still held after {settings.lock_wait}s"),
-                lock="busy",
-            )
-        try:
-            with rt.transaction() as s:
-                decision, handoff = _decide(rt, s, workspace)
-        except ConcurrentChange as exc:
-            # The database guard refused a claim another dispatcher won.
-            return _log(Decision(workspace, "skipped", f"lost race: {exc}"), lock="held")
-        if handoff is not None:
-            hand_off(rt, handoff)
-        return _log(decision, lock="held")
+    decision = Decision(workspace, "lock_busy", "another dispatcher holds the lock")
+    for _ in range(MAX_PASSES):
+        with workspace_lock(rt.redis, workspace, ttl=rt.settings.lock_ttl) as held:
+            if not held:
+                # The holder re-runs when it sees the mark: nothing is lost.
+                return _log(decision, lock="busy; marked dirty")
+            decision = _dispatch_held(rt, workspace)
+        if not held.was_dirty:
+            return decision
+        _log(decision, lock="held; dirty, once more")
+    return decision
+
+
+def _dispatch_held(rt: Runtime, workspace: str) -> Decision:
+    try:
+        with rt.transaction() as s:
+            decision, handoff = _decide(rt, s, workspace)
+    except ConcurrentChange as exc:
+        # The database guard refused a claim another dispatcher won.
+        return _log(Decision(workspace, "skipped", f"lost race: {exc}"), lock="held")
+    if handoff is not None:
+        hand_off(rt, handoff)
+    return _log(decision, lock="held")
 
 
 def _decide(rt: Runtime, s: Session, workspace: str) -> tuple[Decision, Handoff | None]:

@@ -10,8 +10,10 @@ step, never while terraform runs.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 from redis import Redis
 from redis.exceptions import LockNotOwnedError
@@ -23,27 +25,57 @@ def lock_key(workspace: str) -> str:
     return f"runq:lock:workspace:{workspace}"
 
 
+def dirty_key(workspace: str) -> str:
+    return f"runq:dirty:workspace:{workspace}"
+
+
+@dataclass
+class Held:
+    """Whether the lock was taken; after release, whether anyone marked the
+    workspace dirty while it was held (then the holder must look again)."""
+
+    acquired: bool
+    was_dirty: bool = False
+
+    def __bool__(self) -> bool:
+        return self.acquired
+
+
 @contextmanager
-def workspace_lock(redis: Redis, workspace: str, *, ttl: float, wait: float) -> Iterator[bool]:
-    """Yield True while holding the lock, False if it stayed busy for ``wait`` s.
+def workspace_lock(redis: Redis, workspace: str, *, ttl: float) -> Iterator[Held]:
+    """Try the lock once, without waiting; yield a :class:`Held`.
+
+    A caller that finds it busy leaves a *dirty* mark, which the holder reads
+    after releasing, so the wake-up the caller carried is not lost. Nobody
+    waits for a lock here: a paused holder cannot pin other processes.
 
     The lock is token-owned (redis-py's ``Lock``): releasing checks the token
     in a Lua script, so a holder whose TTL expired cannot release the lock a
     successor now holds.
     """
-    lock = redis.lock(lock_key(workspace), timeout=ttl, blocking_timeout=wait, thread_local=False)
-    acquired = lock.acquire(blocking=wait > 0)
+    lock = redis.lock(lock_key(workspace), timeout=ttl, thread_local=False)
+    dirty = dirty_key(workspace)
+    if not lock.acquire(blocking=False):
+        redis.set(dirty, 1, ex=max(1, math.ceil(2 * ttl)))
+        # The holder may have released (and read the mark) just before we
+        # set it: try once more, or that wake-up would wait for the reconciler.
+        if not lock.acquire(blocking=False):
+            yield Held(False)
+            return
+    # Marks left before we held the lock are answered by what we read now.
+    redis.delete(dirty)
+    held = Held(True)
     try:
-        yield acquired
+        yield held
     finally:
-        if acquired:
-            try:
-                lock.release()
-            except LockNotOwnedError:
-                log.warning(
-                    "workspace lock %s expired before release (held past its %ss TTL); "
-                    "the database guard kept the claim safe",
-                    workspace,
-                    ttl,
-                    extra={"action": "lock_expired", "workspace": workspace},
-                )
+        try:
+            lock.release()
+        except LockNotOwnedError:
+            log.warning(
+                "workspace lock %s expired before release (held past its %ss TTL); "
+                "the database guard kept the claim safe",
+                workspace,
+                ttl,
+                extra={"action": "lock_expired", "workspace": workspace},
+            )
+        held.was_dirty = bool(redis.delete(dirty))

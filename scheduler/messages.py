@@ -11,12 +11,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from scheduler.errors import InvalidInput
+
 #: Speculative plans: no lock, any free worker claims by id.
 QUEUE_PLANS = "runq.plans"
 #: Per-workspace dispatch of plan+apply tasks, under the workspace lock.
 QUEUE_DISPATCH = "runq.dispatch"
 #: Local-mode execution of a claimed phase (long: terraform runs here).
-QUEUE_RUNS = "runq.runs"
+QUEUE_RUNS = "runq.runs"  # execute(task_id, fence)
 ALL_QUEUES = (QUEUE_PLANS, QUEUE_DISPATCH, QUEUE_RUNS)
 
 TASK_CLAIM_PLAN = "runq.claim_plan"
@@ -39,6 +41,26 @@ def claim_plan(task_id: int) -> Message:
 
 def dispatch(workspace: str) -> Message:
     return Message(TASK_DISPATCH, QUEUE_DISPATCH, (workspace,))
+
+
+def check_id(value: object, what: str) -> int:
+    """A message's id argument, or :class:`InvalidInput` (no bools, no strings)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**63:
+        raise InvalidInput(f"{what} must be a non-negative integer, got {_brief(value)}")
+    return value
+
+
+def check_workspace(value: object) -> str:
+    from scheduler.workspaces import NAME_RE
+
+    if not isinstance(value, str) or not NAME_RE.match(value):
+        raise InvalidInput(f"workspace must be a workspace name, got {_brief(value)}")
+    return value
+
+
+def _brief(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else f"{text[:40]}... ({len(text)} characters)"
 
 
 class Publisher(Protocol):

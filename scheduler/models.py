@@ -20,9 +20,11 @@ from sqlalchemy import (
     CheckConstraint,
     DateTime,
     Dialect,
+    Float,
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Text,
@@ -104,6 +106,9 @@ class Workspace(Base):
     #: transaction, so the row lock also orders submits per workspace.
     task_seq: Mapped[int] = mapped_column(BigId, default=0)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    #: Phase timeouts in seconds; None means the settings' defaults.
+    plan_timeout: Mapped[float | None] = mapped_column(Float)
+    apply_timeout: Mapped[float | None] = mapped_column(Float)
 
     __table_args__ = (CheckConstraint(_in("execution_mode", ExecutionMode), name="execution_mode"),)
 
@@ -133,6 +138,27 @@ class Task(Base):
     error: Mapped[str | None] = mapped_column(Text)
     created_by: Mapped[str | None] = mapped_column(String(200))
     message: Mapped[str | None] = mapped_column(Text)
+    #: When the status last changed (every transition() sets it).
+    status_changed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+    # -- the current claim's lease (see scheduler/leases.py) ---------------
+    #: When the current claim's hand-off was last sent, and how many times.
+    #: A claim no executor has started (``executor_handle`` empty) is re-sent
+    #: by the reconciler with backoff, under the same fence.
+    handoff_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    handoff_attempts: Mapped[int] = mapped_column(Integer, default=0)
+    #: When the executor started the current phase (its Started report).
+    phase_started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    #: The last accepted heartbeat, and the deadline it set. A running phase
+    #: whose deadline passed has lost its executor.
+    heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime, index=True)
+    #: Plan claims so far; a lost plan is re-claimed while retries remain.
+    plan_attempts: Mapped[int] = mapped_column(Integer, default=0)
+    #: A cancel of a running phase, waiting for its executor to stop terraform.
+    cancel_requested_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    cancel_requested_by: Mapped[str | None] = mapped_column(String(200))
+    cancel_force: Mapped[bool] = mapped_column(Boolean, default=False)
 
     __table_args__ = (
         CheckConstraint(_in("type", TaskType), name="type"),
@@ -161,3 +187,37 @@ class TaskEvent(Base):
     reason: Mapped[str | None] = mapped_column(Text)
     fence: Mapped[int] = mapped_column(BigId)
     at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class StateVersion(Base):
+    """One Terraform state of a workspace; the newest row is the current one.
+
+    Stored by the scheduler, never on a worker's disk: a state that an apply
+    wrote lands here (under the apply's fence) within a moment of terraform
+    writing it, so a worker killed mid-apply loses nothing it had recorded.
+    """
+
+    __tablename__ = "state_versions"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    workspace_id: Mapped[int] = mapped_column(ForeignKey("workspaces.id"))
+    serial: Mapped[int] = mapped_column(BigInteger)
+    lineage: Mapped[str] = mapped_column(String(100))
+    task_id: Mapped[int | None] = mapped_column(ForeignKey("tasks.id"))
+    fence: Mapped[int] = mapped_column(BigId)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    sha256: Mapped[str] = mapped_column(String(64))
+    size: Mapped[int] = mapped_column(Integer)
+    content: Mapped[bytes] = mapped_column(LargeBinary)
+
+    __table_args__ = (Index("ix_state_versions_workspace_id_id", "workspace_id", "id"),)
+
+
+class ServiceBeat(Base):
+    """When a periodic service (the reconciler) last ran, and what it did."""
+
+    __tablename__ = "service_beats"
+
+    name: Mapped[str] = mapped_column(String(100), primary_key=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime)
+    detail: Mapped[str | None] = mapped_column(Text)

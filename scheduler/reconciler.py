@@ -1,42 +1,240 @@
-"""The reconciler: re-sends the hints the database says are owed.
+"""The reconciler: heals whatever the database says is owed.
 
-Broker messages can be lost (a publish that failed after commit, a Redis
-restart without persistence, a purged queue). The database still says which
-work is waiting, so ``celery beat`` runs :func:`sweep` every
-``RUNQ_RECONCILE_INTERVAL`` seconds and re-publishes:
+Broker messages are hints and can be lost (a publish that failed after
+commit, a Redis restart without persistence, a purged queue); workers can die
+mid-phase. The database still says what is waiting and who holds what, so
+``celery beat`` runs :func:`sweep` every ``RUNQ_RECONCILE_INTERVAL`` seconds:
 
-* ``claim_plan`` for plan tasks pending longer than ``RUNQ_RESEND_AFTER``;
-* ``dispatch`` for every workspace with a pending plan+apply or a confirmed
-  apply waiting to be claimed (dispatch is idempotent: under the lock it
-  re-reads and does nothing if nothing can move).
+* re-send ``claim_plan`` for plan tasks pending longer than ``RUNQ_RESEND_AFTER``;
+* re-send ``dispatch`` for every workspace with a pending plan+apply or a
+  confirmed apply waiting to be claimed (dispatch is idempotent);
+* re-send the hand-off of claimed phases no executor has started, with
+  backoff, and fail them after ``RUNQ_HANDOFF_ATTEMPTS`` sends;
+* expire lapsed leases (:func:`scheduler.leases.lose`): re-claim a lost plan,
+  fail a lost apply, end a cancelled one;
+* fail a phase that ran past its timeout by more than the kill grace plus a
+  lease (its executor did not stop it), and discard plans left unconfirmed
+  past ``RUNQ_CONFIRM_TIMEOUT``;
+* record the sweep in ``service_beats``, so ``runq status`` can say when beat
+  stopped.
 
-Leases, heartbeats and timeouts of running phases come with a later issue.
+Two reconcilers at once are safe: every move is a compare-and-set that
+re-checks its condition in the UPDATE, so one of them finds nothing to do.
 """
 
 from __future__ import annotations
 
+import json
 import logging
-from dataclasses import dataclass
-from datetime import timedelta
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timedelta
 
-from sqlalchemy import or_, select
+from sqlalchemy import or_, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
-from scheduler import messages
-from scheduler.models import Task, Workspace, utcnow
+from executors.base import Handoff
+from scheduler import leases, messages
+from scheduler.errors import ConcurrentChange, IllegalTransition
+from scheduler.models import ServiceBeat, Task, Workspace, utcnow
 from scheduler.runtime import Runtime
-from scheduler.states import DispatchMode, TaskStatus, TaskType
+from scheduler.states import RUNNING, DispatchMode, Phase, TaskStatus, TaskType, phase_of
+from scheduler.transitions import transition
 
 log = logging.getLogger(__name__)
 
+BEAT = "reconciler"
 
-@dataclass(frozen=True)
+
+@dataclass
 class Sweep:
-    plans: list[int]
-    workspaces: list[str]
+    plans: list[int] = field(default_factory=list)
+    workspaces: list[str] = field(default_factory=list)
+    #: Unstarted hand-offs re-sent, and those that ran out of tries.
+    resent: list[int] = field(default_factory=list)
+    handoff_failed: list[int] = field(default_factory=list)
+    #: Lapsed leases: plans re-claimed, and tasks ended (failed/cancelled).
+    reclaimed: list[int] = field(default_factory=list)
+    lost: list[int] = field(default_factory=list)
+    timed_out: list[int] = field(default_factory=list)
+    unconfirmed: list[int] = field(default_factory=list)
+
+    @property
+    def busy(self) -> bool:
+        return any(asdict(self).values())
 
 
 def sweep(rt: Runtime) -> Sweep:
-    cutoff = utcnow() - timedelta(seconds=rt.settings.resend_after)
+    now = utcnow()
+    out = Sweep()
+    handoffs: list[Handoff] = []
+    _expire_leases(rt, now, out, handoffs)
+    _resend_unstarted(rt, now, out, handoffs)
+    _enforce_timeouts(rt, now, out)
+    _expire_confirmations(rt, now, out)
+    out.plans, out.workspaces = _owed_hints(rt, now)
+
+    from scheduler.dispatcher import hand_off
+
+    for handoff in handoffs:
+        hand_off(rt, handoff)
+    for task_id in out.plans:
+        rt.publisher.publish(messages.claim_plan(task_id))
+    for name in out.workspaces:
+        rt.publisher.publish(messages.dispatch(name))
+    with rt.transaction() as s:
+        _record_beat(s, now, out)
+    if out.busy:
+        log.info(
+            "reconciler: %s",
+            ", ".join(f"{k} {len(v)}" for k, v in asdict(out).items() if v),
+            extra={"action": "reconcile", **asdict(out)},
+        )
+    return out
+
+
+def _running(s: Session, *conditions: object) -> list[tuple[Task, Workspace]]:
+    rows = s.execute(
+        select(Task, Workspace)
+        .join(Workspace, Workspace.id == Task.workspace_id)
+        .where(Task.status.in_([str(x) for x in RUNNING]), *conditions)  # type: ignore[arg-type]
+        .order_by(Task.id)
+    ).all()
+    return [(t, w) for t, w in rows]
+
+
+def _expire_leases(rt: Runtime, now: datetime, out: Sweep, handoffs: list[Handoff]) -> None:
+    with rt.sessions() as s:
+        lapsed = _running(s, Task.lease_expires_at < now)
+    for task, ws in lapsed:
+        try:
+            with rt.transaction() as s:
+                s.add(task)
+                lost = leases.lose(
+                    s,
+                    rt.settings,
+                    task,
+                    ws,
+                    actor=rt.actor,
+                    why=leases.last_heard(task),
+                    guard_expired_at=now,
+                )
+        except (ConcurrentChange, IllegalTransition):
+            continue  # a heartbeat, a report or another reconciler got there first
+        if lost.handoff is not None:
+            out.reclaimed.append(task.id)
+            handoffs.append(lost.handoff)
+        else:
+            out.lost.append(task.id)
+        log.warning(
+            "task %s: %s; now %s",
+            task.id,
+            leases.last_heard(task),
+            lost.status,
+            extra={"action": "lease_expired", "task_id": task.id, "status": str(lost.status)},
+        )
+
+
+def _resend_unstarted(rt: Runtime, now: datetime, out: Sweep, handoffs: list[Handoff]) -> None:
+    cutoff = now - timedelta(seconds=rt.settings.resend_after)
+    with rt.sessions() as s:
+        unstarted = _running(s, Task.executor_handle.is_(None), Task.handoff_at < cutoff)
+    for task, ws in unstarted:
+        if not leases.resend_due(task, rt.settings, now):
+            continue
+        try:
+            with rt.transaction() as s:
+                if task.handoff_attempts >= rt.settings.handoff_attempts:
+                    error = (
+                        f"hand-off failed: no {ws.execution_mode} executor started the "
+                        f"{phase_of(TaskStatus(task.status))} after {task.handoff_attempts} sends"
+                    )
+                    transition(
+                        s,
+                        task.id,
+                        TaskStatus.FAILED,
+                        actor=rt.actor,
+                        reason="hand-off failed",
+                        expect={TaskStatus(task.status)},
+                        fence=task.fence,
+                        guard=Task.executor_handle.is_(None),
+                        values={"error": error},
+                    )
+                    out.handoff_failed.append(task.id)
+                    continue
+                if not leases.mark_resent(s, task, now):
+                    continue
+        except (ConcurrentChange, IllegalTransition):
+            continue
+        out.resent.append(task.id)
+        handoffs.append(leases.handoff_of(rt.settings, task, ws))
+
+
+def _enforce_timeouts(rt: Runtime, now: datetime, out: Sweep) -> None:
+    """The executor enforces timeouts; this is the backstop for one that is
+    alive (it heartbeats) yet did not stop terraform."""
+    settings = rt.settings
+    slack = timedelta(seconds=settings.kill_grace + settings.lease_ttl)
+    with rt.sessions() as s:
+        started = _running(s, Task.phase_started_at.is_not(None))
+    for task, ws in started:
+        phase = phase_of(TaskStatus(task.status))
+        assert phase is not None and task.phase_started_at is not None
+        limit = leases.phase_timeout(settings, ws, phase)
+        if now - task.phase_started_at <= timedelta(seconds=limit) + slack:
+            continue
+        try:
+            with rt.transaction() as s:
+                transition(
+                    s,
+                    task.id,
+                    TaskStatus.FAILED,
+                    actor=rt.actor,
+                    reason="timed out",
+                    expect={TaskStatus(task.status)},
+                    fence=task.fence,
+                    values={
+                        "error": f"{phase} timed out after {limit:g}s and its executor "
+                        f"({task.executor_handle}) did not stop it"
+                        + ("; the apply was not re-run" if phase is Phase.APPLY else "")
+                    },
+                )
+        except (ConcurrentChange, IllegalTransition):
+            continue
+        out.timed_out.append(task.id)
+
+
+def _expire_confirmations(rt: Runtime, now: datetime, out: Sweep) -> None:
+    limit = rt.settings.confirm_timeout
+    if not limit:
+        return
+    cutoff = now - timedelta(seconds=limit)
+    with rt.sessions() as s:
+        stale = list(
+            s.scalars(
+                select(Task.id).where(
+                    Task.status == TaskStatus.APPLY_PENDING, Task.status_changed_at < cutoff
+                )
+            )
+        )
+    for task_id in stale:
+        try:
+            with rt.transaction() as s:
+                transition(
+                    s,
+                    task_id,
+                    TaskStatus.DISCARDED,
+                    actor=rt.actor,
+                    reason=f"not confirmed within {limit:g}s (RUNQ_CONFIRM_TIMEOUT)",
+                    expect={TaskStatus.APPLY_PENDING},
+                )
+        except (ConcurrentChange, IllegalTransition):
+            continue
+        out.unconfirmed.append(task_id)
+
+
+def _owed_hints(rt: Runtime, now: datetime) -> tuple[list[int], list[str]]:
+    cutoff = now - timedelta(seconds=rt.settings.resend_after)
     legacy = rt.settings.dispatch_mode is DispatchMode.LEGACY
     with rt.sessions() as s:
         plans: list[int] = []
@@ -59,15 +257,22 @@ def sweep(rt: Runtime) -> Sweep:
         if not legacy:
             waiting = waiting.where(Task.type == TaskType.PLAN_AND_APPLY)
         workspaces = sorted(set(s.scalars(waiting.distinct())))
-    for task_id in plans:
-        rt.publisher.publish(messages.claim_plan(task_id))
-    for name in workspaces:
-        rt.publisher.publish(messages.dispatch(name))
-    if plans or workspaces:
-        log.info(
-            "reconciler re-sent %d plan claims and %d workspace dispatches",
-            len(plans),
-            len(workspaces),
-            extra={"action": "reconcile", "plans": plans, "workspaces": workspaces},
-        )
-    return Sweep(plans, workspaces)
+    return plans, workspaces
+
+
+def _record_beat(s: Session, now: datetime, out: Sweep) -> None:
+    detail = json.dumps({k: len(v) for k, v in asdict(out).items()})
+    updated = s.execute(
+        update(ServiceBeat).where(ServiceBeat.name == BEAT).values(at=now, detail=detail)
+    )
+    if updated.rowcount == 0:  # type: ignore[attr-defined]
+        try:
+            with s.begin_nested():
+                s.add(ServiceBeat(name=BEAT, at=now, detail=detail))
+        except IntegrityError:
+            pass  # another reconciler's first sweep inserted it just now
+
+
+def last_sweep(rt: Runtime) -> ServiceBeat | None:
+    with rt.sessions() as s:
+        return s.get(ServiceBeat, BEAT)

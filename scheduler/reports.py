@@ -1,24 +1,39 @@
 """Accepting executor reports.
 
-Each report names the task, the phase and the fencing token the executor was
-handed. A report whose token the task no longer holds comes from a superseded
-executor (the phase was re-claimed, or the task was moved on): it is rejected
-and logged, and changes nothing.
+Each report names the task and the fencing token the executor was handed. A
+report whose token the task no longer holds comes from a superseded executor
+(the phase was re-claimed, or the task was moved on): it is rejected and
+logged, changes nothing, and its reply tells the executor to stop.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any, cast
+import time
+from collections.abc import Callable
+from typing import TypeVar
 
-from sqlalchemy import CursorResult, select, update
+from sqlalchemy import select
+from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.orm import Session
 
-from executors.base import Finished, PhaseResult, Report, Started
-from scheduler.errors import ConcurrentChange, IllegalTransition, TaskNotFound
+from executors.base import (
+    Finished,
+    Handoff,
+    Heartbeat,
+    PhaseResult,
+    Reply,
+    Report,
+    Started,
+    StopReason,
+)
+from scheduler import artifacts, leases
+from scheduler.errors import ConcurrentChange, IllegalTransition, StaleFence, TaskNotFound
 from scheduler.models import Task, Workspace
 from scheduler.runtime import Runtime
 from scheduler.states import Phase, TaskStatus, TaskType
 from scheduler.transitions import transition
+from scheduler.workspaces import load as load_workspace
 
 log = logging.getLogger(__name__)
 
@@ -36,18 +51,31 @@ def next_status(
     return TaskStatus.APPLY_QUEUED if auto_apply else TaskStatus.APPLY_PENDING
 
 
-def _running_status(phase: Phase) -> TaskStatus:
-    return TaskStatus.PLANNING if phase is Phase.PLAN else TaskStatus.APPLYING
+def accept(rt: Runtime, report: Report) -> Reply:
+    """Apply ``report`` if its fence is current; say what the executor does next."""
+    if isinstance(report, Finished):
+        return _finished(rt, report)
+    with rt.transaction() as s:
+        if isinstance(report, Started):
+            reply = leases.start(s, rt.settings, report)
+        elif isinstance(report, Heartbeat):
+            reply = leases.renew(s, rt.settings, report)
+        else:
+            reply = artifacts.store_state(s, report)
+    if not reply.accepted:
+        _reject(report, reply.reason)
+    elif isinstance(report, Started):
+        log.info(
+            "task %s %s started on %s",
+            report.task_id,
+            report.phase,
+            report.handle,
+            extra={"action": "phase_started", "task_id": report.task_id},
+        )
+    return reply
 
 
-def accept(rt: Runtime, report: Report) -> bool:
-    """Apply ``report``; return False if it was rejected as stale."""
-    if isinstance(report, Started):
-        return _started(rt, report)
-    return _finished(rt, report)
-
-
-def _reject(report: Report, why: str) -> bool:
+def _reject(report: Report, why: str) -> Reply:
     log.warning(
         "rejected %s report for task %s (fence %s): %s",
         type(report).__name__.lower(),
@@ -56,72 +84,40 @@ def _reject(report: Report, why: str) -> bool:
         why,
         extra={"action": "report_rejected", "task_id": report.task_id, "fence": report.fence},
     )
-    return False
+    return Reply.stale(why)
 
 
-def _started(rt: Runtime, report: Started) -> bool:
-    expected = _running_status(report.phase)
-    with rt.transaction() as s:
-        # At most one executor starts a claimed phase: the handle is empty
-        # until the first start report fills it, so a redelivered or
-        # duplicated launch message finds it taken and must not run.
-        result = s.execute(
-            update(Task)
-            .where(
-                Task.id == report.task_id,
-                Task.fence == report.fence,
-                Task.status == expected,
-                Task.executor_handle.is_(None),
-            )
-            .values(executor_handle=report.handle)
-            .execution_options(synchronize_session=False)
-        )
-    if cast("CursorResult[Any]", result).rowcount != 1:
-        return _reject(report, f"task is not {expected} under this fence, or already started")
-    log.info(
-        "task %s %s started on %s",
-        report.task_id,
-        report.phase,
-        report.handle,
-        extra={"action": "phase_started", "task_id": report.task_id},
-    )
-    return True
-
-
-def _finished(rt: Runtime, report: Finished) -> bool:
+def _finished(rt: Runtime, report: Finished) -> Reply:
     result = report.result
+    handoff: Handoff | None = None
     try:
         with rt.transaction() as s:
             row = s.execute(
-                select(Task.type, Task.status, Workspace.auto_apply)
+                select(Task, Workspace)
                 .join(Workspace, Workspace.id == Task.workspace_id)
                 .where(Task.id == report.task_id)
             ).one_or_none()
             if row is None:
                 raise TaskNotFound(f"task {report.task_id} does not exist")
-            to = next_status(TaskType(row.type), report.phase, result, row.auto_apply)
-            values: dict[str, object] = {"error": result.error}
-            if report.phase is Phase.PLAN:
-                values["has_changes"] = result.has_changes
-                if result.changes is not None:
-                    values["changes_add"] = result.changes.add
-                    values["changes_change"] = result.changes.change
-                    values["changes_destroy"] = result.changes.destroy
-            reason = f"{report.phase} {'succeeded' if result.ok else 'failed'}"
-            if to is TaskStatus.APPLY_QUEUED:
-                reason += "; workspace auto-applies"
-            transition(
-                s,
-                report.task_id,
-                to,
-                actor=rt.actor,
-                reason=reason,
-                expect={_running_status(report.phase)},
-                fence=report.fence,
-                values=values,
-            )
+            task, ws = row
+            if task.fence != report.fence:
+                raise StaleFence(f"fence {report.fence} is stale (the task holds {task.fence})")
+            if task.status != leases.running_status(report.phase):
+                raise IllegalTransition(f"task is {task.status}, not running {report.phase}")
+            if result.stopped is StopReason.SHUTDOWN and not result.ok:
+                # The worker gave the phase back: a plan runs again elsewhere.
+                lost = leases.lose(
+                    s, rt.settings, task, ws, actor=rt.actor, why=_shutdown_reason(report)
+                )
+                to, handoff = lost.status, lost.handoff
+            else:
+                to = _end(rt, s, task, ws, report)
     except (ConcurrentChange, IllegalTransition, TaskNotFound) as exc:
         return _reject(report, str(exc))
+    if handoff is not None:
+        from scheduler.dispatcher import hand_off
+
+        hand_off(rt, handoff)
     log.info(
         "task %s %s finished: %s",
         report.task_id,
@@ -129,14 +125,112 @@ def _finished(rt: Runtime, report: Finished) -> bool:
         to,
         extra={"action": "phase_finished", "task_id": report.task_id, "status": str(to)},
     )
-    return True
+    return Reply.ok()
+
+
+def _shutdown_reason(report: Finished) -> str:
+    detail = report.result.error or "terraform interrupted"
+    return f"worker shut down during the {report.phase} ({detail})"
+
+
+def _end(rt: Runtime, s: Session, task: Task, ws: Workspace, report: Finished) -> TaskStatus:
+    """Move a task whose phase finished to where its outcome takes it."""
+    result = report.result
+    cancelled = task.cancel_requested_at is not None and (
+        report.phase is Phase.PLAN or not result.ok
+    )
+    if cancelled:
+        # A cancelled plan ends cancelled even if terraform got to finish it;
+        # an apply that completed before the interrupt took effect did apply.
+        to = TaskStatus.CANCELLED
+        actor = task.cancel_requested_by or rt.actor
+        reason = f"cancelled{' (forced)' if task.cancel_force else ''}: {report.phase} stopped"
+    else:
+        to = next_status(TaskType(task.type), report.phase, result, ws.auto_apply)
+        actor = rt.actor
+        reason = f"{report.phase} {'succeeded' if result.ok else 'failed'}"
+        if result.stopped is not None:
+            reason += f" ({result.stopped})"
+        if to is TaskStatus.APPLY_QUEUED:
+            reason += "; workspace auto-applies"
+    values: dict[str, object] = {"error": None if cancelled else result.error}
+    if report.phase is Phase.PLAN:
+        values["has_changes"] = result.has_changes
+        if result.changes is not None:
+            values["changes_add"] = result.changes.add
+            values["changes_change"] = result.changes.change
+            values["changes_destroy"] = result.changes.destroy
+    transition(
+        s,
+        task.id,
+        to,
+        actor=actor,
+        reason=reason,
+        expect={leases.running_status(report.phase)},
+        fence=report.fence,
+        values=values,
+    )
+    return to
+
+
+#: Errors worth retrying a report for: the database or the connection to it
+#: failed, not the report. Anything else is a bug and surfaces at once.
+TRANSIENT = (OperationalError, InterfaceError)
 
 
 class DirectReporter:
-    """Reports straight to the database (executors inside a runq worker)."""
+    """Reports straight to the database (executors inside a runq worker).
 
-    def __init__(self, rt: Runtime) -> None:
+    A report that fails on a database error is retried with backoff until it
+    lands, its fence turns out stale, or ``give_up_after`` seconds pass (by
+    then the lease has lapsed and the reconciler has taken over the task).
+    Heartbeats are not retried here: the next one is due in a moment.
+    """
+
+    def __init__(self, rt: Runtime, *, give_up_after: float | None = None) -> None:
         self.rt = rt
+        self.give_up_after = (
+            give_up_after if give_up_after is not None else 10 * rt.settings.lease_ttl
+        )
 
-    def report(self, report: Report) -> bool:
-        return accept(self.rt, report)
+    def report(self, report: Report) -> Reply:
+        if isinstance(report, Heartbeat):
+            return accept(self.rt, report)
+        return retry_transient(
+            lambda: accept(self.rt, report),
+            f"{type(report).__name__} report of task {report.task_id}",
+            self.give_up_after,
+        )
+
+    def current_state(self, handoff: Handoff) -> bytes | None:
+        def read() -> bytes | None:
+            with self.rt.sessions() as s:
+                ws = load_workspace(s, handoff.workspace)
+                version = artifacts.latest(s, ws.id)
+                return version.content if version is not None else None
+
+        return retry_transient(read, f"state of {handoff.workspace}", self.give_up_after)
+
+
+T = TypeVar("T")
+
+
+def retry_transient(fn: Callable[[], T], what: str, give_up_after: float) -> T:
+    """``fn()``, retried with capped exponential backoff on database errors."""
+    deadline = time.monotonic() + give_up_after
+    delay = 0.2
+    while True:
+        try:
+            return fn()
+        except TRANSIENT as exc:
+            if time.monotonic() + delay > deadline:
+                raise
+            log.warning(
+                "%s failed on a database error (%s); retrying in %.1fs",
+                what,
+                type(exc).__name__,
+                delay,
+                extra={"action": "report_retry", "what": what},
+            )
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)

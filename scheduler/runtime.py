@@ -17,7 +17,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from scheduler import messages, outbox
-from scheduler.db import make_engine, make_sessionmaker
+from scheduler.db import make_engine, make_sessionmaker, pg_session_limits
 from scheduler.messages import Message, Publisher
 from scheduler.settings import Settings
 from scheduler.states import TERMINAL, DispatchMode, TaskStatus, TaskType
@@ -37,7 +37,15 @@ class Runtime:
     @property
     def engine(self) -> Engine:
         if self._engine is None:
-            self._engine = make_engine(self.settings.resolved_database_url)
+            st = self.settings
+            self._engine = make_engine(
+                st.resolved_database_url,
+                pg_connect_args=pg_session_limits(
+                    lock_timeout=st.db_lock_timeout,
+                    statement_timeout=st.db_statement_timeout,
+                    idle_in_transaction=st.db_idle_in_transaction_timeout,
+                ),
+            )
         return self._engine
 
     @cached_property

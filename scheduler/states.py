@@ -6,7 +6,8 @@ compare-and-set UPDATE. Nothing else writes ``tasks.status``.
 
 plan task::
 
-    pending -> planning -> success | failed
+    pending -> planning -> success | failed | cancelled
+    planning -> planning    (executor lost: re-claimed under a new fence)
     pending -> cancelled
 
 plan+apply task::
@@ -17,8 +18,13 @@ plan+apply task::
                         -> failed
     apply_pending -> apply_queued (confirm) | discarded (discard) | cancelled
     apply_queued  -> applying (dispatcher claims the apply) | cancelled
-    applying      -> applied | failed
+    applying      -> applied | failed | cancelled
+    planning      -> planning (executor lost: the plan re-claimed, new fence)
+                  -> cancelled
     pending       -> cancelled
+
+An apply is never re-claimed: a lost apply fails (terraform apply is not
+idempotent), and the workspace moves on.
 """
 
 from __future__ import annotations
@@ -73,14 +79,16 @@ S = TaskStatus
 TRANSITIONS: Mapping[TaskType, Mapping[TaskStatus, frozenset[TaskStatus]]] = {
     TaskType.PLAN: {
         S.PENDING: frozenset({S.PLANNING, S.CANCELLED}),
-        S.PLANNING: frozenset({S.SUCCESS, S.FAILED}),
+        S.PLANNING: frozenset({S.PLANNING, S.SUCCESS, S.FAILED, S.CANCELLED}),
     },
     TaskType.PLAN_AND_APPLY: {
         S.PENDING: frozenset({S.PLANNING, S.CANCELLED}),
-        S.PLANNING: frozenset({S.SUCCESS, S.APPLY_PENDING, S.APPLY_QUEUED, S.FAILED}),
+        S.PLANNING: frozenset(
+            {S.PLANNING, S.SUCCESS, S.APPLY_PENDING, S.APPLY_QUEUED, S.FAILED, S.CANCELLED}
+        ),
         S.APPLY_PENDING: frozenset({S.APPLY_QUEUED, S.DISCARDED, S.CANCELLED}),
         S.APPLY_QUEUED: frozenset({S.APPLYING, S.CANCELLED}),
-        S.APPLYING: frozenset({S.APPLIED, S.FAILED}),
+        S.APPLYING: frozenset({S.APPLIED, S.FAILED, S.CANCELLED}),
     },
 }
 
@@ -97,6 +105,11 @@ ACTIVE_APPLY: frozenset[TaskStatus] = frozenset(
 
 #: An executor is working on the task; its reports must carry the fence.
 RUNNING: frozenset[TaskStatus] = frozenset({S.PLANNING, S.APPLYING})
+
+#: Moves that hand a phase to a new executor: each bumps the fencing token.
+CLAIMS: frozenset[tuple[TaskStatus, TaskStatus]] = frozenset(
+    {(S.PENDING, S.PLANNING), (S.PLANNING, S.PLANNING), (S.APPLY_QUEUED, S.APPLYING)}
+)
 
 #: What `runq wait` waits for: nothing will happen without a human, or ever.
 SETTLED: frozenset[TaskStatus] = TERMINAL | {S.APPLY_PENDING}

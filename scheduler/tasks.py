@@ -3,16 +3,25 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from scheduler import messages, outbox
-from scheduler.errors import IllegalTransition, NotImplementedYet, TaskNotFound
+from scheduler.errors import ConcurrentChange, IllegalTransition, NotImplementedYet, TaskNotFound
 from scheduler.models import Task, TaskEvent, Workspace, utcnow
 from scheduler.runtime import Runtime
-from scheduler.states import DispatchMode, ExecutionMode, TaskStatus, TaskType, parse
+from scheduler.states import (
+    RUNNING,
+    DispatchMode,
+    ExecutionMode,
+    TaskStatus,
+    TaskType,
+    parse,
+    phase_of,
+)
 from scheduler.transitions import transition
 from scheduler.views import EventView, TaskView
 from scheduler.workspaces import load as load_workspace
@@ -223,12 +232,98 @@ def discard(
     )
 
 
-#: Cancelling a running phase needs a signal to its executor (a later issue);
-#: until then only tasks that are not running can be cancelled.
+#: Not running: a cancel ends these at once.
 CANCELLABLE = frozenset({TaskStatus.PENDING, TaskStatus.APPLY_PENDING, TaskStatus.APPLY_QUEUED})
 
 
 def cancel(
-    rt: Runtime, task_id: int, *, actor: str | None = None, reason: str | None = None
+    rt: Runtime,
+    task_id: int,
+    *,
+    actor: str | None = None,
+    reason: str | None = None,
+    force: bool = False,
 ) -> TaskView:
-    return _act(rt, task_id, TaskStatus.CANCELLED, CANCELLABLE, actor, "cancel", reason)
+    """Cancel a task.
+
+    A task that is not running ends ``cancelled`` at once. For a running
+    phase, the request is recorded and its executor hears of it in the reply
+    to its next heartbeat: it interrupts terraform (SIGINT, so terraform saves
+    its state; a cancelled apply's partial state is stored), or with
+    ``force`` kills it, then reports, and the task ends ``cancelled`` with
+    the canceller as the event's actor. A phase no executor has started ends
+    at once. ``force`` also ends the task itself if its executor does not
+    answer within a few heartbeats (it is dead or paused): the escape hatch
+    for a task whose worker is gone.
+    """
+    who = actor or rt.actor
+    with rt.transaction() as s:
+        task, ws = _load(s, task_id)
+        current = TaskStatus(task.status)
+        if current in CANCELLABLE or (current in RUNNING and task.executor_handle is None):
+            transition(
+                s,
+                task_id,
+                TaskStatus.CANCELLED,
+                actor=who,
+                reason=reason or "cancelled",
+                expect={current},
+                fence=task.fence,
+            )
+            s.refresh(task)
+            log.info("task %s: cancelled", task_id, extra={"action": "cancel", "task_id": task_id})
+            return TaskView.of(task, ws)
+        if current not in RUNNING:
+            raise IllegalTransition(
+                f"cannot cancel task {task_id}: it is {current}, which is final"
+            )
+        # Running: record the request; the executor stops terraform.
+        s.execute(
+            update(Task)
+            .where(Task.id == task_id, Task.fence == task.fence, Task.status == current)
+            .values(
+                cancel_requested_at=task.cancel_requested_at or utcnow(),
+                cancel_requested_by=who,
+                cancel_force=task.cancel_force or force,
+            )
+            .execution_options(synchronize_session=False)
+        )
+        fence = task.fence
+    log.info(
+        "task %s: cancel%s requested of its running %s",
+        task_id,
+        " (force)" if force else "",
+        phase_of(current),
+        extra={"action": "cancel_requested", "task_id": task_id},
+    )
+    if not force:
+        return get(rt, task_id)
+    return _force(rt, task_id, fence, current, who, reason)
+
+
+def _force(
+    rt: Runtime, task_id: int, fence: int, seen: TaskStatus, who: str, reason: str | None
+) -> TaskView:
+    """Give a live executor a few heartbeats to kill terraform and report;
+    then end the task here. Its executor, if it ever wakes, finds its fence
+    stale and stops."""
+    deadline = time.monotonic() + 3 * rt.settings.heartbeat_interval + 1
+    while time.monotonic() < deadline:
+        view = get(rt, task_id)
+        if view.status is not seen or view.fence != fence:
+            return view
+        time.sleep(0.2)
+    try:
+        with rt.transaction() as s:
+            transition(
+                s,
+                task_id,
+                TaskStatus.CANCELLED,
+                actor=who,
+                reason=reason or "force-cancelled; the executor did not answer",
+                expect={seen},
+                fence=fence,
+            )
+    except ConcurrentChange:
+        pass  # the executor's report won the race
+    return get(rt, task_id)

@@ -15,14 +15,14 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import ColumnElement, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from scheduler import outbox
 from scheduler.errors import ConcurrentChange, IllegalTransition, StaleFence, TaskNotFound
 from scheduler.models import Task, TaskEvent, Workspace, utcnow
-from scheduler.states import TERMINAL, TaskStatus, TaskType, allowed
+from scheduler.states import CLAIMS, RUNNING, TERMINAL, TaskStatus, TaskType, allowed
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,7 @@ def transition(
     reason: str | None = None,
     expect: Collection[TaskStatus] | None = None,
     fence: int | None = None,
-    new_fence: bool = False,
+    guard: ColumnElement[bool] | None = None,
     values: Mapping[str, Any] | None = None,
 ) -> Transition:
     """Move task ``task_id`` to ``to``; return what happened.
@@ -56,9 +56,15 @@ def transition(
     ``expect``: the statuses the caller believes the task is in (a confirm
     expects ``apply_pending``); anything else is an :class:`IllegalTransition`.
     ``fence``: an executor's report must hold the current fencing token, else
-    :class:`StaleFence`. ``new_fence``: a claim hands out a new token, which
-    invalidates every report from earlier holders. ``values``: other columns
-    written by the same UPDATE (plan summary, error message).
+    :class:`StaleFence`. ``guard``: an extra condition the row must still meet
+    at the moment of the UPDATE (the reconciler expires a lease only if no
+    heartbeat renewed it since it looked). ``values``: other columns written
+    by the same UPDATE (plan summary, error message).
+
+    A claim (:data:`CLAIMS`) hands out a new fencing token, which invalidates
+    every report from earlier holders, and starts a fresh lease: no executor
+    has started the new phase yet, and its hand-off is sent now. Leaving a
+    running status ends the lease.
 
     Raises :class:`TaskNotFound`, :class:`IllegalTransition`,
     :class:`StaleFence` or :class:`ConcurrentChange` (also when the partial
@@ -81,18 +87,33 @@ def transition(
         raise IllegalTransition(f"task {task_id} ({task_type}) is {current}; it cannot become {to}")
 
     now = utcnow()
-    new_values: dict[str, Any] = dict(values or {})
-    new_values["status"] = to
+    new_values: dict[str, Any] = {"status": to, "status_changed_at": now}
     if row.started_at is None and to is TaskStatus.PLANNING:
         new_values["started_at"] = now  # first claim; a cancelled task never started
     if to in TERMINAL:
         new_values["finished_at"] = now
-    if new_fence:
-        new_values["fence"] = Task.fence + 1
+    if (current, to) in CLAIMS:
+        new_values.update(
+            fence=Task.fence + 1,
+            executor_handle=None,
+            phase_started_at=None,
+            heartbeat_at=None,
+            lease_expires_at=None,
+            handoff_at=now,
+            handoff_attempts=1,
+        )
+        if to is TaskStatus.PLANNING:
+            new_values["plan_attempts"] = Task.plan_attempts + 1
+    elif to not in RUNNING:
+        new_values["lease_expires_at"] = None
+    new_values.update(values or {})
 
+    conditions = [Task.id == task_id, Task.status == current, Task.fence == row.fence]
+    if guard is not None:
+        conditions.append(guard)
     stmt = (
         update(Task)
-        .where(Task.id == task_id, Task.status == current, Task.fence == row.fence)
+        .where(*conditions)
         .values(**new_values)
         .returning(Task.fence)
         .execution_options(synchronize_session=False)

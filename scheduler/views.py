@@ -7,7 +7,7 @@ from datetime import datetime
 from typing import Any
 
 from scheduler.models import Task, TaskEvent, Workspace
-from scheduler.states import ExecutionMode, TaskStatus, TaskType
+from scheduler.states import RUNNING, ExecutionMode, TaskStatus, TaskType
 
 
 def _iso(value: datetime | None) -> str | None:
@@ -24,6 +24,9 @@ class WorkspaceView:
     locked_by: str | None
     lock_reason: str | None
     locked_at: datetime | None
+    #: Seconds; None means the settings' defaults.
+    plan_timeout: float | None = None
+    apply_timeout: float | None = None
 
     @classmethod
     def of(cls, ws: Workspace) -> WorkspaceView:
@@ -36,6 +39,8 @@ class WorkspaceView:
             locked_by=ws.locked_by,
             lock_reason=ws.lock_reason,
             locked_at=ws.locked_at,
+            plan_timeout=ws.plan_timeout,
+            apply_timeout=ws.apply_timeout,
         )
 
     @property
@@ -53,6 +58,8 @@ class WorkspaceView:
             "locked_by": self.locked_by,
             "lock_reason": self.lock_reason,
             "locked_at": _iso(self.locked_at),
+            "plan_timeout": self.plan_timeout,
+            "apply_timeout": self.apply_timeout,
         }
 
 
@@ -75,6 +82,14 @@ class TaskView:
     error: str | None
     created_by: str | None
     message: str | None
+    phase_started_at: datetime | None = None
+    heartbeat_at: datetime | None = None
+    lease_expires_at: datetime | None = None
+    plan_attempts: int = 0
+    handoff_attempts: int = 0
+    cancel_requested_at: datetime | None = None
+    cancel_requested_by: str | None = None
+    cancel_force: bool = False
 
     @classmethod
     def of(cls, task: Task, workspace: str) -> TaskView:
@@ -96,6 +111,14 @@ class TaskView:
             error=task.error,
             created_by=task.created_by,
             message=task.message,
+            phase_started_at=task.phase_started_at,
+            heartbeat_at=task.heartbeat_at,
+            lease_expires_at=task.lease_expires_at,
+            plan_attempts=task.plan_attempts,
+            handoff_attempts=task.handoff_attempts,
+            cancel_requested_at=task.cancel_requested_at,
+            cancel_requested_by=task.cancel_requested_by,
+            cancel_force=task.cancel_force,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -118,6 +141,30 @@ class TaskView:
             "message": self.message,
             "fence": self.fence,
             "executor_handle": self.executor_handle,
+            "executor": self.executor_json(),
+            "plan_attempts": self.plan_attempts,
+            "cancel": (
+                {
+                    "requested_at": _iso(self.cancel_requested_at),
+                    "requested_by": self.cancel_requested_by,
+                    "force": self.cancel_force,
+                }
+                if self.cancel_requested_at is not None
+                else None
+            ),
+        }
+
+    def executor_json(self) -> dict[str, Any] | None:
+        """Who runs the current phase and when it was last heard from."""
+        if self.status not in RUNNING:
+            return None
+        return {
+            "handle": self.executor_handle,
+            "started": self.executor_handle is not None,
+            "phase_started_at": _iso(self.phase_started_at),
+            "last_heard_at": _iso(self.heartbeat_at),
+            "lease_expires_at": _iso(self.lease_expires_at),
+            "handoff_attempts": self.handoff_attempts,
         }
 
 

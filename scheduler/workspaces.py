@@ -33,7 +33,10 @@ def create(
     source_dir: str | None = None,
     auto_apply: bool = False,
     agent_pool: str | None = None,
+    plan_timeout: float | None = None,
+    apply_timeout: float | None = None,
 ) -> WorkspaceView:
+    check_timeouts(plan_timeout, apply_timeout)
     if not NAME_RE.match(name):
         raise InvalidInput(
             f"invalid workspace name {name!r}: use letters, digits, '.', '_' or '-' "
@@ -60,6 +63,8 @@ def create(
                 source_dir=source_dir,
                 agent_pool=agent_pool,
                 task_seq=0,
+                plan_timeout=plan_timeout,
+                apply_timeout=apply_timeout,
             )
             s.add(ws)
             s.flush()
@@ -68,6 +73,35 @@ def create(
         raise WorkspaceExists(f"workspace {name!r} exists already") from None
     log.info("workspace %s created (%s)", name, mode, extra={"action": "workspace_created"})
     return view
+
+
+def check_timeouts(*values: float | None) -> None:
+    for value in values:
+        if value is not None and not 0 < value <= 7 * 24 * 3600:
+            raise InvalidInput(f"a timeout must be between 0 and 7 days in seconds, got {value}")
+
+
+#: "Leave as is" for :func:`set_timeouts`; None there means "the default".
+KEEP: float = -1.0
+
+
+def set_timeouts(
+    rt: Runtime, name: str, *, plan_timeout: float | None = KEEP, apply_timeout: float | None = KEEP
+) -> WorkspaceView:
+    """Change a workspace's phase timeouts (None: back to the defaults).
+    Running phases see the change at their next heartbeat."""
+    values = {
+        key: value
+        for key, value in (("plan_timeout", plan_timeout), ("apply_timeout", apply_timeout))
+        if value != KEEP
+    }
+    check_timeouts(*values.values())
+    with rt.transaction() as s:
+        ws = load(s, name)
+        if values:
+            s.execute(update(Workspace).where(Workspace.id == ws.id).values(**values))
+            s.refresh(ws)
+        return WorkspaceView.of(ws)
 
 
 def load(session: Session, name: str) -> Workspace:

@@ -99,7 +99,7 @@ def test_partial_index_admits_one_claim_among_concurrent_transactions(
         with rt.sessions() as s:
             try:
                 with s.begin():
-                    transition(s, ids[i], TaskStatus.PLANNING, actor=f"racer-{i}", new_fence=True)
+                    transition(s, ids[i], TaskStatus.PLANNING, actor=f"racer-{i}")
             except ConcurrentChange:
                 return "lost"
         return "won"

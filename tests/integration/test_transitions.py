@@ -23,7 +23,7 @@ def test_claim_moves_status_bumps_fence_and_writes_one_event(rt: Runtime, ws: st
     t = tasks.submit(rt, ws, TaskType.PLAN_AND_APPLY)
     assert t.started_at is None
     with rt.transaction() as s:
-        done = transition(s, t.id, S.PLANNING, actor="tester", reason="claim", new_fence=True)
+        done = transition(s, t.id, S.PLANNING, actor="tester", reason="claim")
     assert (done.from_status, done.to_status, done.fence) == (S.PENDING, S.PLANNING, 1)
     assert done.workspace == ws and done.type is TaskType.PLAN_AND_APPLY
 
@@ -38,7 +38,7 @@ def test_claim_moves_status_bumps_fence_and_writes_one_event(rt: Runtime, ws: st
     ]
     assert (evs[1].actor, evs[1].reason, evs[1].fence) == ("tester", "claim", 1)
 
-    # A terminal move stamps finished_at; no new_fence keeps the token.
+    # A terminal move stamps finished_at; only a claim changes the token.
     with rt.transaction() as s:
         transition(s, t.id, S.FAILED, actor="tester", fence=1, values={"error": "it broke"})
     view = tasks.get(rt, t.id)
@@ -56,7 +56,7 @@ def test_event_row_is_in_the_same_transaction(rt: Runtime, ws: str) -> None:
         pass
 
     with pytest.raises(Boom), rt.transaction() as s:
-        transition(s, t.id, S.PLANNING, actor="tester", new_fence=True)
+        transition(s, t.id, S.PLANNING, actor="tester")
         # Inside the transaction both the change and its event are visible...
         assert s.scalar(select(Task.status).where(Task.id == t.id)) == S.PLANNING
         n = s.scalar(select(func.count()).select_from(TaskEvent).where(TaskEvent.task_id == t.id))
@@ -72,7 +72,7 @@ def test_event_row_is_in_the_same_transaction(rt: Runtime, ws: str) -> None:
 def test_stale_fence_changes_nothing(rt: Runtime, ws: str) -> None:
     t = tasks.submit(rt, ws, TaskType.PLAN)
     with rt.transaction() as s:
-        transition(s, t.id, S.PLANNING, actor="claimer", new_fence=True)
+        transition(s, t.id, S.PLANNING, actor="claimer")
     before, n = snapshot(rt), counts(rt)
     with pytest.raises(StaleFence), rt.transaction() as s:
         transition(s, t.id, S.SUCCESS, actor="old executor", fence=0)
@@ -140,7 +140,7 @@ def test_compare_and_set_refuses_a_row_changed_after_it_was_read(rt: Runtime, ws
 
         with s.begin():
             with pytest.raises(ConcurrentChange) as info:
-                transition(s, t.id, S.PLANNING, actor="slow claimer", new_fence=True)
+                transition(s, t.id, S.PLANNING, actor="slow claimer")
             assert not isinstance(info.value, StaleFence)
             assert interfered == [1]
             # The caller's transaction is still usable; only the interloper wrote.
@@ -170,13 +170,13 @@ def test_partial_unique_index_refuses_a_second_active_plan_and_apply(rt: Runtime
     second = tasks.submit(rt, ws, TaskType.PLAN_AND_APPLY)
     plan = tasks.submit(rt, ws, TaskType.PLAN)
     with rt.transaction() as s:
-        transition(s, first.id, S.PLANNING, actor="a", new_fence=True)
+        transition(s, first.id, S.PLANNING, actor="a")
     with rt.transaction() as s:
         # Straight to planning, bypassing the dispatcher and its lock.
         with pytest.raises(ConcurrentChange):
-            transition(s, second.id, S.PLANNING, actor="b", new_fence=True)
+            transition(s, second.id, S.PLANNING, actor="b")
         # The refusal rolled back only its savepoint: the transaction goes on.
-        transition(s, plan.id, S.PLANNING, actor="b", new_fence=True)
+        transition(s, plan.id, S.PLANNING, actor="b")
         ws_id = s.scalar(select(Task.workspace_id).where(Task.id == first.id))
         assert ws_id is not None
         assert _active_apply_count(s, ws_id) == 1
@@ -190,7 +190,7 @@ def test_partial_unique_index_refuses_a_second_active_plan_and_apply(rt: Runtime
     with rt.transaction() as s:
         transition(s, first.id, S.FAILED, actor="a", fence=1)
     with rt.transaction() as s:
-        transition(s, second.id, S.PLANNING, actor="b", new_fence=True)
+        transition(s, second.id, S.PLANNING, actor="b")
     assert status(rt, second.id) is S.PLANNING
 
 
@@ -199,21 +199,21 @@ def test_index_holds_through_every_active_status(rt: Runtime, ws: str) -> None:
     first = tasks.submit(rt, ws, TaskType.PLAN_AND_APPLY)
     second = tasks.submit(rt, ws, TaskType.PLAN_AND_APPLY)
     path: list[tuple[TaskStatus, dict[str, Any]]] = [
-        (S.PLANNING, {"new_fence": True}),
+        (S.PLANNING, {}),
         (S.APPLY_PENDING, {}),
         (S.APPLY_QUEUED, {}),
-        (S.APPLYING, {"new_fence": True}),
+        (S.APPLYING, {}),
     ]
     for to, kw in path:
         with rt.transaction() as s:
             transition(s, first.id, to, actor="a", **kw)
         with pytest.raises(ConcurrentChange), rt.transaction() as s:
-            transition(s, second.id, S.PLANNING, actor="b", new_fence=True)
+            transition(s, second.id, S.PLANNING, actor="b")
         assert status(rt, second.id) is S.PENDING
     with rt.transaction() as s:
         transition(s, first.id, S.APPLIED, actor="a")
     with rt.transaction() as s:
-        transition(s, second.id, S.PLANNING, actor="b", new_fence=True)
+        transition(s, second.id, S.PLANNING, actor="b")
     assert chain(rt, first.id) == [
         (None, "pending"),
         ("pending", "planning"),

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from executors.base import Finished, Handoff, PhaseResult, Report, Runner, Started
+from executors.base import Finished, Handoff, PhaseResult, Reply, Report, Runner, Started
 from executors.fake import DEFAULT_APPLY, DEFAULT_PLAN, FakeRunner
 from executors.local import LocalRunner
 from scheduler.settings import Settings
@@ -27,9 +27,14 @@ class ScriptedReporter:
     accept_start: bool = True
     got: list[Report] = field(default_factory=list)
 
-    def report(self, report: Report) -> bool:
+    def report(self, report: Report) -> Reply:
         self.got.append(report)
-        return self.accept_start if isinstance(report, Started) else True
+        if isinstance(report, Started) and not self.accept_start:
+            return Reply.stale("someone else has it")
+        return Reply.ok()
+
+    def current_state(self, handoff: Handoff) -> bytes | None:
+        return None
 
 
 def handoff(tmp_path: Path, phase: Phase = Phase.PLAN, *, source: bool = True) -> Handoff:
