@@ -403,6 +403,48 @@ def wait(out: Output, task_ids: tuple[int, ...], timeout: float | None) -> None:
 
 
 @command(main)
+@click.option("--check", is_flag=True, help="Exit 1 if anything is wrong.")
+@click.option(
+    "--check-beat", is_flag=True, help="Exit 1 if the reconciler's sweep is overdue (health check)."
+)
+@click.option("--ping-timeout", type=float, default=1.0, show_default=True)
+def status(out: Output, check: bool, check_beat: bool, ping_timeout: float) -> None:
+    """The reconciler's last sweep, the workers, queue depths and task counts."""
+    from celery_app.app import app
+    from scheduler.status import collect
+
+    st = collect(client().runtime, app, ping_timeout=ping_timeout)
+
+    def human() -> None:
+        age = st.sweep_age
+        sweep = "never" if age is None else f"{age:.0f}s ago"
+        click.echo(
+            f"reconciler: last sweep {sweep} (every {st.sweep_interval:g}s)"
+            + ("  OVERDUE" if st.sweep_overdue else "")
+        )
+        workers = (
+            "unknown (broker unreachable)"
+            if st.workers is None
+            else (", ".join(st.workers) or "none")
+        )
+        click.echo(f"workers: {workers}")
+        click.echo(
+            "queues: " + ", ".join(f"{q}={'?' if n is None else n}" for q, n in st.queues.items())
+        )
+        click.echo(
+            "tasks: " + (", ".join(f"{k}={v}" for k, v in sorted(st.tasks.items())) or "none")
+        )
+        if st.lapsed:
+            click.echo(f"lapsed leases: {st.lapsed} (the next sweep handles them)")
+        for problem in st.problems():
+            click.echo(f"PROBLEM: {problem}")
+
+    out.emit(st.to_json(), human)
+    if (check and st.problems()) or (check_beat and st.sweep_overdue):
+        sys.exit(EXIT_ERROR)
+
+
+@command(main)
 @click.option("--workers", default=2, show_default=True, help="Celery worker processes.")
 @click.option(
     "--data-dir",
