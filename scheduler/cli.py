@@ -84,7 +84,35 @@ def client() -> Any:
     return Client.from_env(actor=f"cli:{getpass.getuser()}")
 
 
-@click.group()
+EXIT_USAGE = 2
+
+
+class Group(click.Group):
+    """Click's group, whose usage errors are JSON too when ``--json`` is given.
+
+    Click prints usage errors (a missing argument, a bad option, an unknown
+    command) as text before any command runs; a script that asked for JSON
+    must still get JSON on stderr, with click's exit status 2.
+    """
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        argv = list(args[0]) if args else sys.argv[1:]
+        if "--json" not in argv:
+            return super().main(*args, **kwargs)
+        try:
+            kwargs["standalone_mode"] = False
+            return super().main(*args, **kwargs)
+        except click.UsageError as exc:
+            message = exc.format_message()
+            click.echo(json.dumps({"error": message, "type": "UsageError"}), err=True)
+            sys.exit(EXIT_USAGE)
+        except click.exceptions.Exit as exc:
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            sys.exit(EXIT_ERROR)
+
+
+@click.group(cls=Group)
 @click.option("-v", "--verbose", count=True, help="Log to stderr (-v info, -vv debug).")
 def main(verbose: int) -> None:
     """runq: plans run free, plan+apply is serialized per workspace."""

@@ -10,7 +10,13 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from scheduler import messages, outbox
-from scheduler.errors import ConcurrentChange, IllegalTransition, NotImplementedYet, TaskNotFound
+from scheduler.errors import (
+    ConcurrentChange,
+    IllegalTransition,
+    InvalidInput,
+    NotImplementedYet,
+    TaskNotFound,
+)
 from scheduler.models import Task, TaskEvent, Workspace, utcnow
 from scheduler.runtime import Runtime
 from scheduler.states import (
@@ -37,6 +43,16 @@ def parse_status(value: str) -> TaskStatus:
     return parse(TaskStatus, value, "status")
 
 
+#: Longest accepted ``message`` (the "why this run" line) and ``created_by``.
+MAX_MESSAGE = 4000
+MAX_ACTOR = 200
+
+
+def _check_text(what: str, value: str | None, limit: int) -> None:
+    if value is not None and len(value) > limit:
+        raise InvalidInput(f"{what} is {len(value)} characters long; the limit is {limit}")
+
+
 def submit(
     rt: Runtime,
     workspace: str,
@@ -53,6 +69,8 @@ def submit(
     commits). Without, runq commits it in a transaction of its own.
     """
     kind = parse_type(str(task_type))
+    _check_text("message", message, MAX_MESSAGE)
+    _check_text("created_by", created_by, MAX_ACTOR)
     if session is None:
         with rt.transaction() as s:
             return _submit(rt, s, workspace, kind, message, created_by)
