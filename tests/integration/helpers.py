@@ -3,13 +3,24 @@
 from __future__ import annotations
 
 import logging
+from datetime import datetime, timedelta
 from pathlib import Path
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
-from executors.base import Changes, Finished, Handoff, PhaseResult, Started
+from executors.base import (
+    Changes,
+    Directive,
+    Finished,
+    Handoff,
+    Heartbeat,
+    PhaseResult,
+    Reply,
+    Started,
+    StopReason,
+)
 from executors.fake import FakeRunner
-from scheduler import reports, workspaces
+from scheduler import dispatcher, reports, tasks, workspaces
 from scheduler.messages import (
     QUEUE_DISPATCH,
     QUEUE_PLANS,
@@ -20,10 +31,10 @@ from scheduler.messages import (
     Message,
     RecordingPublisher,
 )
-from scheduler.models import Task, TaskEvent, Workspace
+from scheduler.models import Base, StateVersion, Task, TaskEvent, Workspace, utcnow
 from scheduler.runtime import Runtime
-from scheduler.states import TaskStatus
-from scheduler.views import WorkspaceView
+from scheduler.states import Phase, TaskStatus, TaskType
+from scheduler.views import EventView, WorkspaceView
 
 PLAN_WITH_CHANGES = PhaseResult(ok=True, has_changes=True, changes=Changes(add=2, change=1))
 PLAN_NO_CHANGES = PhaseResult(ok=True, has_changes=False, changes=Changes())
@@ -158,3 +169,106 @@ def messages_of(rt: Runtime) -> list[Message]:
 
 def rejected_reports(caplog_records: list[logging.LogRecord]) -> list[logging.LogRecord]:
     return [r for r in caplog_records if getattr(r, "action", None) == "report_rejected"]
+
+
+# ---------------------------------------------------------------- the lease protocol
+# Shared by the lease, cancel, timeout, hand-off and state-version modules.
+
+
+def executes(rt: Runtime) -> list[tuple[int, int]]:
+    """(task id, fence) of every execute message published so far."""
+    return [
+        (int(m.args[0]), int(m.args[1]))
+        for m in recorder(rt).sent
+        if m.task == TASK_EXECUTE and m.queue == QUEUE_RUNS
+    ]
+
+
+def ago(seconds: float) -> datetime:
+    return utcnow() - timedelta(seconds=seconds)
+
+
+def set_task(rt: Runtime, task_id: int, **values: object) -> None:
+    """Write columns of one task row directly: how tests move time along
+    (a lease that lapsed, a phase that started long ago)."""
+    with rt.transaction() as s:
+        s.execute(update(Task).where(Task.id == task_id).values(**values))
+
+
+def claimed(rt: Runtime, ws: str, task_type: TaskType = TaskType.PLAN) -> tuple[int, int]:
+    """Submit a task and claim its plan; return (task id, fence)."""
+    t = tasks.submit(rt, ws, task_type)
+    if task_type is TaskType.PLAN:
+        decision = dispatcher.claim_plan(rt, t.id)
+    else:
+        decision = dispatcher.dispatch(rt, ws)
+    assert decision.claimed and decision.task_id == t.id and decision.fence is not None, decision
+    return t.id, decision.fence
+
+
+def begin(rt: Runtime, task_id: int, fence: int, phase: Phase = Phase.PLAN) -> Reply:
+    """The executor's Started report (handle ``exec:<id>:<fence>``)."""
+    return reports.accept(rt, Started(task_id, fence, phase, f"exec:{task_id}:{fence}"))
+
+
+def beat(rt: Runtime, task_id: int, fence: int, phase: Phase = Phase.PLAN) -> Reply:
+    return reports.accept(rt, Heartbeat(task_id, fence, phase))
+
+
+def end(
+    rt: Runtime, task_id: int, fence: int, result: PhaseResult, phase: Phase = Phase.PLAN
+) -> Reply:
+    return reports.accept(rt, Finished(task_id, fence, phase, result))
+
+
+def task_events(rt: Runtime, task_id: int) -> list[EventView]:
+    return tasks.events(rt, [task_id])
+
+
+def everything(rt: Runtime) -> dict[str, list[tuple[object, ...]]]:
+    """Every column of every task, event, workspace and state version: for
+    "changed nothing at all" assertions."""
+
+    def rows(model: type[Base]) -> list[tuple[object, ...]]:
+        columns = list(model.__table__.columns)
+        with rt.sessions() as s:
+            return [tuple(r) for r in s.execute(select(*columns).order_by(columns[0])).all()]
+
+    return {m.__tablename__: rows(m) for m in (Workspace, Task, TaskEvent, StateVersion)}
+
+
+def tuned(rt: Runtime, *, actor: str | None = None, **changes: object) -> Runtime:
+    """Another runtime on ``rt``'s database, Redis and publisher, with some
+    settings changed (close it when done)."""
+    return Runtime(
+        settings=rt.settings.model_copy(update=changes),
+        publisher=rt.publisher,
+        actor=actor or rt.actor,
+    )
+
+
+def is_stale(reply: Reply) -> bool:
+    """The reply to a report under a fence the task no longer holds."""
+    return (reply.accepted, reply.directive, reply.stop) == (
+        False,
+        Directive.KILL,
+        StopReason.STALE,
+    )
+
+
+def lapse(rt: Runtime, task_id: int, *, heard: float = 61.0) -> None:
+    """The executor was last heard ``heard`` seconds ago; its lease ran out
+    a second ago."""
+    set_task(rt, task_id, heartbeat_at=ago(heard), lease_expires_at=ago(1))
+
+
+def applying(rt: Runtime, ws: str) -> tuple[int, int]:
+    """A plan+apply whose apply is claimed (not started): (task id, apply fence)."""
+    tid, f = claimed(rt, ws, TaskType.PLAN_AND_APPLY)
+    assert begin(rt, tid, f).accepted
+    assert end(rt, tid, f, PLAN_WITH_CHANGES).accepted
+    tasks.confirm(rt, tid)
+    decision = dispatcher.dispatch(rt, ws)
+    assert decision.action == "claimed_apply" and decision.task_id == tid
+    assert decision.fence == f + 1
+    return tid, f + 1
