@@ -142,6 +142,11 @@ class Supervisor:
         finally:
             signal.signal(signal.SIGTERM, previous)
 
+    @property
+    def stale(self) -> bool:
+        """The scheduler gave the phase to someone else: report nothing more."""
+        return self._stop is StopReason.STALE
+
     # -- commands -------------------------------------------------------------
 
     def check(self) -> None:
@@ -191,6 +196,8 @@ class Supervisor:
             self._tick(proc)
 
     def _tick(self, proc: subprocess.Popen[bytes]) -> None:
+        if self.stale:
+            return  # killed already; no report of this executor is wanted now
         now = time.monotonic()
         if self._shutdown.is_set() and self._stop is None:
             self._interrupt(
@@ -208,6 +215,12 @@ class Supervisor:
             self._last_beat = now
             self._obey(proc, self._beat())
         self.watch_state()
+        if self.stale:
+            # A state write refused as stale: someone else owns the phase.
+            # Stop terraform now, not at the next heartbeat's reply.
+            self._signal(proc, signal.SIGKILL)
+            self._kill_at = None
+            return
         if self._kill_at is not None and now >= self._kill_at:
             log.warning(
                 "task %s: terraform did not stop %.0fs after the interrupt; killing it",
