@@ -1,0 +1,435 @@
+"""The runner's supervision of terraform, with real processes.
+
+A :class:`~executors.local.LocalRunner` runs one phase against a fake
+"terraform" (a small shell script, see :mod:`tests.runner_harness`) and
+reports to a :class:`ScriptedReporter` that records every report and answers
+as the scheduler would: go on, interrupt (cancel, timeout), kill (force
+cancel), or stale. Where the runner process itself must be signalled or
+killed, it runs in a ``python -c`` child that reports to a JSON-lines file.
+
+No server is needed: these run anywhere with ``sh`` and ``/proc``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from executors.base import (
+    Directive,
+    Finished,
+    Handoff,
+    Heartbeat,
+    Reply,
+    Report,
+    Started,
+    StateWritten,
+    StopReason,
+)
+from executors.local import PLAN_FILE, STATE_FILE, LocalRunner
+from scheduler.settings import Settings
+from scheduler.states import ExecutionMode, Phase
+from tests.runner_harness import (
+    GRACEFUL,
+    SLEEPER,
+    STUBBORN,
+    Answer,
+    ScriptedReporter,
+    alive,
+    from_heartbeat,
+    marks_log,
+    read_jsonl,
+    reports_of,
+    script_pid,
+    start_child,
+    wait_for,
+    write_script,
+)
+
+HEARTBEAT = 0.2
+KILL_GRACE = 1.5
+SHUTDOWN_GRACE = 1.0
+#: Slack for "at once": a few runner ticks (0.2 s) and process start-up.
+PROMPT = 1.0
+
+
+@dataclass
+class Rig:
+    root: Path
+    settings: Settings
+    marks: Path
+
+    def handoff(self, phase: Phase = Phase.PLAN, *, timeout: float | None = None) -> Handoff:
+        src = self.root / "src"
+        src.mkdir(exist_ok=True)
+        (src / "main.tf").write_text("# the fake terraform reads nothing\n")
+        h = Handoff(
+            task_id=7,
+            workspace="net",
+            phase=phase,
+            fence=3,
+            speculative=False,
+            mode=ExecutionMode.LOCAL,
+            source_dir=str(src),
+            timeout=timeout,
+        )
+        if phase is Phase.APPLY:
+            work = self.settings.work_dir / str(h.task_id)
+            work.mkdir(parents=True, exist_ok=True)
+            (work / PLAN_FILE).write_text("a saved plan")
+        return h
+
+    def run(self, handoff: Handoff, reporter: ScriptedReporter) -> float:
+        """Run the phase in this process; return how long it took."""
+        started = time.monotonic()
+        LocalRunner(self.settings).run(handoff, reporter)
+        return time.monotonic() - started
+
+    @property
+    def env(self) -> dict[str, str]:
+        """The same settings for a runner process."""
+        s = self.settings
+        return {
+            "RUNQ_DATA_DIR": str(s.data_dir),
+            "RUNQ_TERRAFORM_BIN": s.terraform_bin,
+            "RUNQ_HEARTBEAT_INTERVAL": str(s.heartbeat_interval),
+            "RUNQ_KILL_GRACE": str(s.kill_grace),
+            "RUNQ_SHUTDOWN_GRACE": str(s.shutdown_grace),
+        }
+
+
+def rig(root: Path, body: str, *, heartbeat: float = HEARTBEAT) -> Rig:
+    script, marks = write_script(root, body)
+    settings = Settings(
+        data_dir=root / "data",
+        terraform_bin=str(script),
+        heartbeat_interval=heartbeat,
+        kill_grace=KILL_GRACE,
+        shutdown_grace=SHUTDOWN_GRACE,
+    )
+    return Rig(root, settings, marks)
+
+
+def only_finished(reporter: ScriptedReporter) -> Finished:
+    [finished] = reporter.finished
+    assert reporter.log[-1].report is finished, "a report came after Finished"
+    return finished
+
+
+def stop_reply(reason: StopReason, directive: Directive = Directive.INTERRUPT) -> Reply:
+    return Reply(True, directive, f"{reason} requested by the test", reason)
+
+
+# ------------------------------------------------ (1) interrupt, then kill
+
+
+@pytest.mark.parametrize("reason", [StopReason.CANCEL, StopReason.TIMEOUT])
+def test_interrupt_reply_sends_sigint_and_terraform_stops(
+    tmp_path: Path, reason: StopReason
+) -> None:
+    r = rig(tmp_path, GRACEFUL)
+    reporter = ScriptedReporter(from_heartbeat(3, stop_reply(reason)))
+    r.run(r.handoff(), reporter)
+
+    finished = only_finished(reporter)
+    assert finished.result.ok is False
+    assert finished.result.stopped is reason
+    assert finished.result.error == f"{reason} requested by the test"
+    assert marks_log(r.marks) == ["running", "interrupted"]
+    told = reporter.first(lambda x: x.reply.directive is Directive.INTERRUPT)
+    # It exited on SIGINT by itself: no wait for the kill grace.
+    assert reporter.log[-1].at - told.at < PROMPT
+    assert not alive(script_pid(r.marks))
+
+
+@pytest.mark.parametrize("reason", [StopReason.CANCEL, StopReason.TIMEOUT])
+def test_terraform_ignoring_sigint_is_killed_after_kill_grace(
+    tmp_path: Path, reason: StopReason
+) -> None:
+    r = rig(tmp_path, STUBBORN)
+    reporter = ScriptedReporter(from_heartbeat(3, stop_reply(reason)))
+    r.run(r.handoff(), reporter)
+
+    finished = only_finished(reporter)
+    assert finished.result.stopped is reason
+    assert finished.result.ok is False
+    assert marks_log(r.marks) == ["running", "interrupted"]  # it got SIGINT, and ran on
+    told = reporter.first(lambda x: x.reply.directive is Directive.INTERRUPT)
+    took = reporter.log[-1].at - told.at
+    assert KILL_GRACE <= took < KILL_GRACE + PROMPT, took
+    # (The INTERRUPT replies to later heartbeats did not restart the grace.)
+    assert not alive(script_pid(r.marks))
+
+
+# ------------------------------------------------ (2) kill, stale
+
+
+def test_kill_reply_kills_at_once(tmp_path: Path) -> None:
+    r = rig(tmp_path, STUBBORN)
+    force = stop_reply(StopReason.CANCEL, Directive.KILL)
+    reporter = ScriptedReporter(from_heartbeat(3, force))
+    r.run(r.handoff(), reporter)
+
+    finished = only_finished(reporter)
+    assert finished.result.stopped is StopReason.CANCEL
+    # SIGKILL, no SIGINT first, and no waiting for the grace.
+    assert marks_log(r.marks) == ["running"]
+    told = reporter.first(lambda x: x.reply.directive is Directive.KILL)
+    assert reporter.log[-1].at - told.at < PROMPT
+    assert not alive(script_pid(r.marks))
+
+
+def stale_from(is_first_stale: type[Report], n: int = 1) -> Answer:
+    """Accept until the ``n``-th report of kind ``is_first_stale``; from then
+    on, everything is stale (as the scheduler answers a superseded fence)."""
+    seen = {"count": 0, "stale": False}
+
+    def answer(report: Report, _beats: int) -> Reply:
+        if isinstance(report, is_first_stale):
+            seen["count"] += 1
+            if seen["count"] >= n:
+                seen["stale"] = True
+        return Reply.stale("re-claimed by the test") if seen["stale"] else Reply.ok()
+
+    return answer
+
+
+def test_stale_heartbeat_kills_terraform_and_nothing_more_is_reported(tmp_path: Path) -> None:
+    r = rig(tmp_path, STUBBORN)
+    reporter = ScriptedReporter(stale_from(Heartbeat, 3))
+    took = r.run(r.handoff(), reporter)
+
+    assert reporter.finished == []
+    [stale] = [x for x in reporter.log if not x.reply.accepted]
+    assert reporter.log[-1] is stale, "reports after the stale reply"
+    assert isinstance(stale.report, Heartbeat)
+    assert marks_log(r.marks) == ["running"]
+    assert not alive(script_pid(r.marks))
+    assert took < 3 * HEARTBEAT + PROMPT
+
+
+# ------------------------------------------------ (3) local timeout
+
+
+def test_local_timeout_interrupts_without_the_scheduler(tmp_path: Path) -> None:
+    r = rig(tmp_path, GRACEFUL)
+    # The scheduler never says "timeout" (a database outage, say).
+    reporter = ScriptedReporter()
+    took = r.run(r.handoff(timeout=0.6), reporter)
+
+    finished = only_finished(reporter)
+    assert finished.result.stopped is StopReason.TIMEOUT
+    assert finished.result.error == "plan timed out after 0.6s"
+    assert marks_log(r.marks) == ["running", "interrupted"]
+    assert 0.6 <= took < 0.6 + PROMPT, took
+
+
+def test_local_timeout_kills_a_stubborn_terraform(tmp_path: Path) -> None:
+    r = rig(tmp_path, STUBBORN)
+    reporter = ScriptedReporter()
+    took = r.run(r.handoff(timeout=0.6), reporter)
+
+    assert only_finished(reporter).result.stopped is StopReason.TIMEOUT
+    assert 0.6 + KILL_GRACE <= took < 0.6 + KILL_GRACE + PROMPT, took
+    assert not alive(script_pid(r.marks))
+
+
+# ------------------------------------------------ (4) SIGTERM, (5) parent death
+
+
+@pytest.fixture
+def children() -> Iterator[list[int]]:
+    """Runner processes a test started: killed at the end if still there."""
+    pids: list[int] = []
+    yield pids
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
+
+
+@pytest.mark.parametrize(
+    ("body", "marks", "lower", "upper"),
+    [
+        (GRACEFUL, ["running", "interrupted"], 0.0, PROMPT),
+        # Killed after the shutdown grace (1 s), not the kill grace (30 s).
+        (STUBBORN, ["running", "interrupted"], SHUTDOWN_GRACE, SHUTDOWN_GRACE + PROMPT),
+    ],
+    ids=["graceful", "stubborn"],
+)
+def test_sigterm_to_the_runner_interrupts_terraform_within_shutdown_grace(
+    tmp_path: Path,
+    children: list[int],
+    body: str,
+    marks: list[str],
+    lower: float,
+    upper: float,
+) -> None:
+    r = rig(tmp_path, body)
+    env = {**r.env, "RUNQ_KILL_GRACE": "30"}
+    reports = tmp_path / "reports.jsonl"
+    proc = start_child(r.handoff(Phase.APPLY), reports, env=env, log=tmp_path / "child.log")
+    children.append(proc.pid)
+    pid = script_pid(r.marks)
+
+    sent = time.time()
+    proc.send_signal(signal.SIGTERM)
+    code = proc.wait(10)
+    took = time.time() - sent
+
+    log = (tmp_path / "child.log").read_text()
+    assert code == 0, log  # SIGTERM did not kill the runner: it finished the phase
+    assert marks_log(r.marks) == marks
+    assert not alive(pid)
+    records = read_jsonl(reports)
+    assert records[0]["kind"] == "Started"
+    assert records[-1]["kind"] == "Finished", records
+    result = records[-1]["result"]
+    assert result["ok"] is False
+    assert result["stopped"] == str(StopReason.SHUTDOWN)
+    assert result["error"] == "the worker is shutting down"
+    assert lower <= took < upper + 0.5, took  # + interpreter exit
+
+
+def test_terraform_dies_with_its_runner(tmp_path: Path, children: list[int]) -> None:
+    r = rig(tmp_path, SLEEPER)
+    reports = tmp_path / "reports.jsonl"
+    proc = start_child(r.handoff(), reports, env=r.env, log=tmp_path / "child.log")
+    children.append(proc.pid)
+    pid = script_pid(r.marks)
+    assert alive(pid)
+    # A live runner is heartbeating: the fake terraform is its child.
+    wait_for("a heartbeat", lambda: reports_of("Heartbeat", read_jsonl(reports)))
+
+    killed = time.monotonic()
+    proc.kill()
+    proc.wait(10)
+    wait_for("terraform to die with its runner", lambda: not alive(pid), timeout=2.0)
+    gone = time.monotonic() - killed
+    print(f"\nterraform (pid {pid}) gone {gone:.2f}s after its runner was SIGKILLed")
+    assert [x["kind"] for x in read_jsonl(reports)][-1] == "Heartbeat"  # no Finished
+
+
+# ------------------------------------------------ (6) state-file watching
+
+
+def state_doc(serial: int, lineage: str = "lineage-1", resources: int | None = None) -> str:
+    n = serial if resources is None else resources
+    return json.dumps(
+        {
+            "version": 4,
+            "terraform_version": "1.0.3",
+            "serial": serial,
+            "lineage": lineage,
+            "outputs": {},
+            "resources": [
+                {"mode": "managed", "type": "null_resource", "name": f"r{i}", "instances": []}
+                for i in range(n)
+            ],
+        },
+        indent=2,
+    )
+
+
+def writer(*steps: tuple[str, float]) -> str:
+    """A fake apply writing each text to the state file in place (as
+    terraform's local backend does), then pausing; a step's text may be
+    any prefix of a document (a write caught half-way)."""
+    lines = []
+    for i, (text, pause) in enumerate(steps):
+        lines.append(f"cat > {STATE_FILE} <<'RUNQ_EOF_{i}'\n{text}\nRUNQ_EOF_{i}")
+        lines.append(f'echo "wrote-{i}" >> "$marks/log"')
+        lines.append(f"sleep {pause}")
+    lines.append('echo "done" >> "$marks/log"')
+    return "\n".join(lines) + "\n"
+
+
+def state_writes(reporter: ScriptedReporter) -> list[StateWritten]:
+    return reporter.of(StateWritten)
+
+
+def test_every_new_serial_is_reported_in_order_and_a_torn_write_is_skipped(
+    tmp_path: Path,
+) -> None:
+    docs = {n: state_doc(n) for n in (1, 2, 3)}
+    torn = docs[2][: len(docs[2]) // 2]
+    body = writer(
+        (docs[1], 0.6),
+        # Caught half-written for several ticks: not JSON, so not reported.
+        (torn, 0.8),
+        (docs[2], 0.6),
+        (docs[3], 0.6),
+    )
+    r = rig(tmp_path, body)
+    # The stored state the apply starts from: never reported back.
+    reporter = ScriptedReporter(state=state_doc(0).encode())
+    r.run(r.handoff(Phase.APPLY), reporter)
+
+    assert marks_log(r.marks) == ["wrote-0", "wrote-1", "wrote-2", "wrote-3", "done"]
+    finished = only_finished(reporter)
+    assert finished.result.ok, finished.result.error
+    writes = state_writes(reporter)
+    assert [w.serial for w in writes] == [1, 2, 3]
+    assert {w.lineage for w in writes} == {"lineage-1"}
+    # Each as written, whole (the file ends with the heredoc's newline).
+    assert [w.content.decode().rstrip("\n") for w in writes] == [docs[1], docs[2], docs[3]]
+    # Reported while terraform ran (within a tick or two of the write), not
+    # only at its end.
+    ends = [x.at for x in reporter.log if isinstance(x.report, StateWritten)]
+    assert ends[-1] < reporter.log[-1].at
+    assert ends[1] - ends[0] >= 0.6 + 0.8 - 2 * 0.2
+
+
+def test_no_state_is_reported_after_a_stale_reply(tmp_path: Path) -> None:
+    body = writer(
+        (state_doc(1), 0.6),
+        (state_doc(2), 0.6),
+        (state_doc(3), 0.6),
+        (state_doc(4), 5),
+    )
+    # Heartbeats far apart: stopping terraform must not wait for the next one.
+    r = rig(tmp_path, body, heartbeat=5.0)
+    # The second state write is refused as stale: a newer holder owns the task.
+    reporter = ScriptedReporter(stale_from(StateWritten, 2))
+    took = r.run(r.handoff(Phase.APPLY), reporter)
+
+    assert [w.serial for w in state_writes(reporter)] == [1, 2]
+    [stale] = [x for x in reporter.log if not x.reply.accepted]
+    assert isinstance(stale.report, StateWritten)
+    assert reporter.log[-1] is stale, [type(x.report).__name__ for x in reporter.log]
+    assert reporter.finished == []
+    # Terraform was stopped at once: it wrote nothing more.
+    assert marks_log(r.marks) == ["wrote-0", "wrote-1"]
+    assert not alive(script_pid(r.marks))
+    assert took < 1.2 + PROMPT
+
+
+def test_stale_heartbeat_during_apply_stops_state_reports(tmp_path: Path) -> None:
+    body = writer((state_doc(1), 0.6), (state_doc(2), 0.6), (state_doc(3), 5))
+    r = rig(tmp_path, body)
+    reporter = ScriptedReporter(stale_from(Heartbeat, 4))  # ~0.8 s in
+    r.run(r.handoff(Phase.APPLY), reporter)
+
+    serials = [w.serial for w in state_writes(reporter)]
+    stale = reporter.first(lambda x: not x.reply.accepted)
+    assert reporter.log[-1] is stale
+    assert serials == [1, 2][: len(serials)] and serials
+    assert reporter.finished == []
+    assert not alive(script_pid(r.marks))
+
+
+def test_started_rejected_runs_nothing(tmp_path: Path) -> None:
+    r = rig(tmp_path, SLEEPER)
+    reporter = ScriptedReporter(stale_from(Started))
+    r.run(r.handoff(), reporter)
+    assert [type(x.report) for x in reporter.log] == [Started]
+    assert not (r.marks / "pid").exists()

@@ -1,0 +1,293 @@
+"""Driving one executor phase by hand: fake terraform scripts, a reporter that
+records and answers from a script, and runner processes a test may kill.
+
+* :func:`write_script` writes an executable ``#!/bin/sh`` "terraform" whose
+  ``init`` and ``show`` succeed at once and whose ``plan`` and ``apply`` run a
+  body the test chooses. It leaves marks in a directory: ``pid`` (the process
+  that ran the body), ``log`` (lines the body and its traps append).
+* :class:`ScriptedReporter` is an in-process :class:`~executors.base.Reporter`
+  that records every report with its time and answers with a test's script.
+* :func:`child` is the entry point of a runner *process* (``python -c``): it
+  runs one phase with a :class:`JsonlReporter` that appends every report to a
+  file and accepts it, so a test can signal or kill the process and read what
+  it reported.
+* :func:`worker` is a runq worker reduced to its executor: it runs one
+  claimed phase ``(task id, fence)`` against the database, as
+  ``celery_app.tasks.execute`` does, minus Celery.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from executors.base import Finished, Handoff, Heartbeat, Reply, Report
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+FAKE_TERRAFORM = """\
+#!/bin/sh
+# A fake terraform for supervision tests.
+marks="{marks}"
+case "$1" in
+  init) exit 0 ;;
+  show) echo '{{"resource_changes": []}}'; exit 0 ;;
+esac
+echo "$$" > "$marks/pid.tmp" && mv "$marks/pid.tmp" "$marks/pid"
+{body}
+"""
+
+#: Exits 1 on SIGINT, as terraform does after saving its state.
+GRACEFUL = """\
+trap 'echo interrupted >> "$marks/log"; exit 1' INT
+echo running >> "$marks/log"
+sleep 60
+echo finished >> "$marks/log"
+"""
+
+#: Notes SIGINT and keeps running: only SIGKILL ends it.
+STUBBORN = """\
+trap 'echo interrupted >> "$marks/log"' INT
+echo running >> "$marks/log"
+while :; do sleep 0.1; done
+"""
+
+#: One process, sleeping: its pid is the very process the runner started.
+SLEEPER = """\
+echo running >> "$marks/log"
+exec sleep 60
+"""
+
+
+def write_script(directory: Path, body: str, name: str = "terraform") -> tuple[Path, Path]:
+    """A fake terraform running ``body`` for plan and apply; returns (script,
+    marks directory)."""
+    marks = directory / f"{name}-marks"
+    marks.mkdir(parents=True, exist_ok=True)
+    path = directory / name
+    path.write_text(FAKE_TERRAFORM.format(marks=marks, body=body))
+    path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+    return path, marks
+
+
+def marks_log(marks: Path) -> list[str]:
+    log = marks / "log"
+    return log.read_text().split() if log.is_file() else []
+
+
+def wait_for(what: str, check: Callable[[], object], timeout: float = 30.0) -> Any:
+    """Poll ``check`` until it returns something truthy; fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
+        time.sleep(0.02)
+
+
+def script_pid(marks: Path) -> int:
+    """The pid of the fake terraform, once it is running."""
+    path = marks / "pid"
+    return int(wait_for("the fake terraform to start", path.is_file) and path.read_text())
+
+
+def alive(pid: int) -> bool:
+    """Is ``pid`` a live process (not gone, not a zombie waiting to be reaped)?"""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    state = next((line.split()[1] for line in status.splitlines() if line.startswith("State:")), "")
+    return state not in {"Z", "X"}
+
+
+def pids_with_env(**wanted: str) -> list[int]:
+    """Processes whose environment has every ``KEY=value`` in ``wanted``."""
+    need = {f"{k}={v}".encode() for k, v in wanted.items()}
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            env = set((entry / "environ").read_bytes().split(b"\0"))
+        except OSError:
+            continue
+        if need <= env and alive(int(entry.name)):
+            found.append(int(entry.name))
+    return found
+
+
+# ---------------------------------------------------------------- reporters
+
+
+@dataclass(frozen=True)
+class Recorded:
+    #: time.monotonic() and time.time() when the report arrived.
+    at: float
+    wall: float
+    report: Report
+    reply: Reply
+
+
+#: Answers a report; ``beats`` is how many heartbeats came before this one.
+Answer = Callable[[Report, int], Reply]
+
+
+def ok(_report: Report, _beats: int) -> Reply:
+    return Reply.ok()
+
+
+@dataclass
+class ScriptedReporter:
+    """Records every report (with its monotonic time) and answers from ``answer``."""
+
+    answer: Answer = ok
+    state: bytes | None = None
+    log: list[Recorded] = field(default_factory=list)
+
+    def report(self, report: Report) -> Reply:
+        beats = sum(isinstance(r.report, Heartbeat) for r in self.log)
+        reply = self.answer(report, beats)
+        self.log.append(Recorded(time.monotonic(), time.time(), report, reply))
+        return reply
+
+    def current_state(self, handoff: Handoff) -> bytes | None:
+        return self.state
+
+    def of(self, kind: type[Any]) -> list[Any]:
+        return [r.report for r in self.log if isinstance(r.report, kind)]
+
+    @property
+    def finished(self) -> list[Finished]:
+        return self.of(Finished)
+
+    def first(self, what: Callable[[Recorded], bool]) -> Recorded:
+        return next(r for r in self.log if what(r))
+
+
+def from_heartbeat(n: int, reply: Reply) -> Answer:
+    """Accept everything; answer ``reply`` to the ``n``-th heartbeat and later ones."""
+
+    def answer(report: Report, beats: int) -> Reply:
+        if isinstance(report, Heartbeat) and beats + 1 >= n:
+            return reply
+        return Reply.ok()
+
+    return answer
+
+
+def to_json(report: Report) -> dict[str, Any]:
+    data = asdict(report)
+    data.pop("content", None)
+    if isinstance(report, Finished):
+        data["result"]["stopped"] = report.result.stopped and str(report.result.stopped)
+    data["phase"] = str(data["phase"]) if "phase" in data else None
+    return {"kind": type(report).__name__, "at": time.time(), **data}
+
+
+class JsonlReporter:
+    """Accepts every report and appends it to a JSON-lines file."""
+
+    def __init__(self, path: Path, state: bytes | None = None) -> None:
+        self.path = path
+        self.state = state
+
+    def report(self, report: Report) -> Reply:
+        with self.path.open("a") as f:
+            f.write(json.dumps(to_json(report)) + "\n")
+        return Reply.ok()
+
+    def current_state(self, handoff: Handoff) -> bytes | None:
+        return self.state
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+# ---------------------------------------------------------------- processes
+
+
+def python_process(
+    code: str, *args: str, env: dict[str, str], log: Path
+) -> subprocess.Popen[bytes]:
+    """``python -c code args...`` from the repository root, output to ``log``."""
+    full = {k: v for k, v in os.environ.items() if not k.startswith("RUNQ_")}
+    full.update(env)
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-c", code, *args],
+            cwd=REPO_ROOT,
+            env=full,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+
+
+CHILD = "from tests.runner_harness import child; child()"
+WORKER = "from tests.runner_harness import worker; worker()"
+
+
+def start_child(
+    handoff: Handoff, reports: Path, *, env: dict[str, str], log: Path
+) -> subprocess.Popen[bytes]:
+    """A runner process running ``handoff`` with a :class:`JsonlReporter` on
+    ``reports``; settings come from ``env`` (RUNQ_*)."""
+    return python_process(CHILD, json.dumps(handoff.to_json()), str(reports), env=env, log=log)
+
+
+def child() -> None:
+    """``python -c``: run one phase, reporting to a JSON-lines file."""
+    import logging
+
+    from executors.local import LocalRunner
+    from scheduler.settings import Settings
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    handoff = Handoff.from_json(json.loads(sys.argv[1]))
+    LocalRunner(Settings()).run(handoff, JsonlReporter(Path(sys.argv[2])))
+
+
+def start_worker(
+    task_id: int, fence: int, *, env: dict[str, str], log: Path
+) -> subprocess.Popen[bytes]:
+    """A runner process for claimed phase (``task_id``, ``fence``), reporting
+    to the database named by ``env``'s RUNQ_DATABASE_URL."""
+    return python_process(WORKER, str(task_id), str(fence), env=env, log=log)
+
+
+def worker() -> None:
+    """``python -c``: what a runq worker does with an ``execute`` message."""
+    import logging
+
+    from executors.local import LocalRunner
+    from scheduler import leases
+    from scheduler.messages import RecordingPublisher
+    from scheduler.reports import DirectReporter
+    from scheduler.runtime import Runtime
+    from scheduler.settings import Settings
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    task_id, fence = int(sys.argv[1]), int(sys.argv[2])
+    rt = Runtime(Settings(), RecordingPublisher(), actor=f"test-worker:{os.getpid()}")
+    with rt.sessions() as s:
+        handoff = leases.load_handoff(s, rt.settings, task_id, fence)
+    LocalRunner(rt.settings).run(handoff, DirectReporter(rt))
+    rt.close()
+
+
+def reports_of(kind: str, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [r for r in records if r["kind"] == kind]
