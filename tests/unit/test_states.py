@@ -13,6 +13,7 @@ import pytest
 from scheduler import models, tasks
 from scheduler.states import (
     ACTIVE_APPLY,
+    CLAIMS,
     RUNNING,
     SETTLED,
     TERMINAL,
@@ -27,21 +28,28 @@ from scheduler.states import (
 S = TaskStatus
 
 #: The issue's state diagram, written out edge by edge. The table must be
-#: exactly this: a new edge is a design change, not a refactoring.
+#: exactly this: a new edge is a design change, not a refactoring. Issue 5
+#: (crash safety) added the re-claim of a lost plan (planning -> planning,
+#: under a new fence) and the cancel of a running phase (planning/applying ->
+#: cancelled).
 EXPECTED: dict[TaskType, set[tuple[TaskStatus, TaskStatus]]] = {
     TaskType.PLAN: {
         (S.PENDING, S.PLANNING),
         (S.PENDING, S.CANCELLED),
+        (S.PLANNING, S.PLANNING),
         (S.PLANNING, S.SUCCESS),
         (S.PLANNING, S.FAILED),
+        (S.PLANNING, S.CANCELLED),
     },
     TaskType.PLAN_AND_APPLY: {
         (S.PENDING, S.PLANNING),
         (S.PENDING, S.CANCELLED),
+        (S.PLANNING, S.PLANNING),
         (S.PLANNING, S.SUCCESS),
         (S.PLANNING, S.APPLY_PENDING),
         (S.PLANNING, S.APPLY_QUEUED),
         (S.PLANNING, S.FAILED),
+        (S.PLANNING, S.CANCELLED),
         (S.APPLY_PENDING, S.APPLY_QUEUED),
         (S.APPLY_PENDING, S.DISCARDED),
         (S.APPLY_PENDING, S.CANCELLED),
@@ -49,6 +57,7 @@ EXPECTED: dict[TaskType, set[tuple[TaskStatus, TaskStatus]]] = {
         (S.APPLY_QUEUED, S.CANCELLED),
         (S.APPLYING, S.APPLIED),
         (S.APPLYING, S.FAILED),
+        (S.APPLYING, S.CANCELLED),
     },
 }
 APPLY_STATUSES = {S.APPLY_PENDING, S.APPLY_QUEUED, S.APPLYING, S.APPLIED, S.DISCARDED}
@@ -73,11 +82,32 @@ def test_every_pair_is_accepted_exactly_when_listed(task_type: TaskType) -> None
             assert (to in allowed(task_type, current)) is legal, (task_type, current, to)
 
 
-def test_table_has_every_type_and_no_self_loops() -> None:
+def test_table_has_every_type_and_only_claim_self_loops() -> None:
+    """A self-loop is legal only as a claim (:data:`CLAIMS`): planning ->
+    planning re-claims a plan whose executor was lost, and the claim bumps
+    the fence, so it is a real change (new owner, new lease), not a no-op.
+    Any other self-loop would be a status write that changes nothing. An
+    apply is never re-claimed (terraform apply is not idempotent)."""
     assert set(TRANSITIONS) == set(TaskType)
+    claim_loops = {(a, b) for a, b in CLAIMS if a == b}
+    assert claim_loops == {(S.PLANNING, S.PLANNING)}
     for table in TRANSITIONS.values():
-        for current, targets in table.items():
-            assert current not in targets
+        loops = {(c, c) for c, targets in table.items() if c in targets}
+        assert loops == claim_loops
+    assert S.APPLYING not in allowed(TaskType.PLAN_AND_APPLY, S.APPLYING)
+
+
+def test_claims_are_exactly_the_moves_into_a_running_status() -> None:
+    """Every way into planning/applying hands the phase to a new executor,
+    so it must bump the fence; and every claim is a legal move."""
+    into_running = {
+        (current, to)
+        for table in TRANSITIONS.values()
+        for current, targets in table.items()
+        for to in targets
+        if to in RUNNING
+    }
+    assert into_running == CLAIMS
 
 
 @pytest.mark.parametrize("task_type", list(TaskType))
@@ -157,11 +187,15 @@ def test_cancellable_statuses_are_legal_cancels() -> None:
     for status in tasks.CANCELLABLE:
         assert S.CANCELLED in allowed(TaskType.PLAN_AND_APPLY, status)
         assert status not in RUNNING
-    # Every legal cancel is offered to users.
-    for task_type in TaskType:
-        for current, targets in TRANSITIONS[task_type].items():
-            if S.CANCELLED in targets:
-                assert current in tasks.CANCELLABLE
+    # Every legal cancel is offered to users: at once for a task that is not
+    # running (CANCELLABLE), through its executor for a running phase.
+    sources = {
+        current
+        for task_type in TaskType
+        for current, targets in TRANSITIONS[task_type].items()
+        if S.CANCELLED in targets
+    }
+    assert sources == tasks.CANCELLABLE | RUNNING
 
 
 def test_phase_of() -> None:
