@@ -1,4 +1,8 @@
-"""Handoff: what crosses the broker as JSON, and back."""
+"""Handoff: its JSON form, and what the local launcher puts on the broker.
+
+Since issue 5 the broker carries only (task id, fence); the worker rebuilds
+the hand-off from the database (:func:`scheduler.leases.load_handoff`).
+"""
 
 from __future__ import annotations
 
@@ -23,19 +27,20 @@ handoffs = st.builds(
     mode=st.sampled_from(ExecutionMode),
     source_dir=st.none() | st.text(max_size=40),
     agent_pool=st.none() | st.text(max_size=20),
+    timeout=st.none() | st.floats(min_value=0.001, max_value=7 * 24 * 3600.0),
 )
 
 
 @given(handoffs)
 def test_json_round_trip(h: Handoff) -> None:
-    wire = json.dumps(h.to_json())  # what the broker carries: JSON text only
+    wire = json.dumps(h.to_json())  # JSON text only
     back = Handoff.from_json(json.loads(wire))
     assert back == h
     assert isinstance(back.phase, Phase) and isinstance(back.mode, ExecutionMode)
 
 
 def test_json_shape() -> None:
-    h = Handoff(7, "net", Phase.APPLY, 3, False, ExecutionMode.LOCAL, "/src", None)
+    h = Handoff(7, "net", Phase.APPLY, 3, False, ExecutionMode.LOCAL, "/src", None, 600.0)
     assert json.loads(json.dumps(h.to_json())) == {
         "task_id": 7,
         "workspace": "net",
@@ -45,6 +50,7 @@ def test_json_shape() -> None:
         "mode": "local",
         "source_dir": "/src",
         "agent_pool": None,
+        "timeout": 600.0,
     }
 
 
@@ -58,11 +64,15 @@ def test_from_json_refuses_unknown_values() -> None:
         Handoff.from_json({**good, "surprise": 1})
 
 
-def test_local_launcher_publishes_the_handoff_to_the_runs_queue() -> None:
+def test_local_launcher_publishes_only_task_id_and_fence_to_the_runs_queue() -> None:
     pub = RecordingPublisher()
-    h = Handoff(9, "net", Phase.PLAN, 2, True, ExecutionMode.LOCAL, "/src")
+    h = Handoff(9, "net", Phase.PLAN, 2, True, ExecutionMode.LOCAL, "/src", timeout=60.0)
     handle = LocalLauncher(pub).launch(h)
     assert handle == "celery:recorded-1"
     [msg] = pub.sent
     assert (msg.task, msg.queue) == (TASK_EXECUTE, QUEUE_RUNS)
-    assert Handoff.from_json(json.loads(json.dumps(msg.args[0]))) == h
+    # What to run (workspace, phase, source dir) is read from the database by
+    # the worker, so a forged message cannot choose it: only the id and the
+    # fence travel, as JSON.
+    assert msg.args == (9, 2)
+    assert json.loads(json.dumps(msg.args)) == [9, 2]

@@ -32,7 +32,29 @@ def test_defaults(env: pytest.MonkeyPatch, tmp_path: Path) -> None:
     assert s.resolved_broker_url == s.redis_url
     assert s.dispatch_mode is DispatchMode.NEW
     assert s.terraform_bin == "terraform"
-    assert s.lock_ttl > 0 and s.lock_wait >= 0 and s.resend_after > 0
+    assert s.lock_ttl > 0 and s.resend_after > 0
+    # Dispatchers no longer wait for the workspace lock (issue 5): the
+    # setting is gone, not merely unused.
+    assert not hasattr(s, "lock_wait")
+    # Leases, retries and timeouts: the design's defaults.
+    assert (s.lease_ttl, s.heartbeat_interval, s.plan_retries, s.handoff_attempts) == (
+        60.0,
+        2.0,
+        2,
+        8,
+    )
+    assert (s.plan_timeout, s.apply_timeout, s.confirm_timeout) == (7200.0, 7200.0, 0.0)
+    assert (s.kill_grace, s.shutdown_grace, s.reconcile_interval, s.resend_after) == (
+        30.0,
+        8.0,
+        30.0,
+        60.0,
+    )
+    assert (s.db_lock_timeout, s.db_statement_timeout, s.db_idle_in_transaction_timeout) == (
+        5.0,
+        30.0,
+        30.0,
+    )
 
 
 def test_database_defaults_to_sqlite_under_data_dir(
@@ -86,7 +108,12 @@ def test_dispatch_mode(env: pytest.MonkeyPatch, value: str, expected: DispatchMo
         ("RUNQ_DISPATCH_MODE", ""),
         ("RUNQ_LOCK_TTL", "0"),
         ("RUNQ_LOCK_TTL", "soon"),
-        ("RUNQ_LOCK_WAIT", "-1"),
+        ("RUNQ_LEASE_TTL", "0"),
+        ("RUNQ_HEARTBEAT_INTERVAL", "0"),
+        ("RUNQ_PLAN_RETRIES", "-1"),
+        ("RUNQ_HANDOFF_ATTEMPTS", "0"),
+        ("RUNQ_APPLY_TIMEOUT", "0"),
+        ("RUNQ_CONFIRM_TIMEOUT", "-1"),
         ("RUNQ_RESEND_AFTER", "0"),
         ("RUNQ_RECONCILE_INTERVAL", "-5"),
     ],
@@ -100,11 +127,23 @@ def test_bad_values_are_errors(env: pytest.MonkeyPatch, key: str, value: str) ->
 
 def test_numbers_and_unrelated_variables(env: pytest.MonkeyPatch) -> None:
     env.setenv("RUNQ_LOCK_TTL", "2.5")
-    env.setenv("RUNQ_LOCK_WAIT", "0")
+    env.setenv("RUNQ_PLAN_RETRIES", "0")
     env.setenv("RUNQ_TERRAFORM_BIN", "/opt/tofu")
     env.setenv("RUNQ_SOMETHING_ELSE", "ignored")
+    # Removed in issue 5; an old deployment's environment must still start.
+    env.setenv("RUNQ_LOCK_WAIT", "5")
     s = Settings()
-    assert (s.lock_ttl, s.lock_wait, s.terraform_bin) == (2.5, 0.0, "/opt/tofu")
+    assert (s.lock_ttl, s.plan_retries, s.terraform_bin) == (2.5, 0, "/opt/tofu")
+    assert not hasattr(s, "lock_wait")
+
+
+def test_heartbeat_must_fit_twice_in_the_lease(env: pytest.MonkeyPatch) -> None:
+    env.setenv("RUNQ_LEASE_TTL", "10")
+    env.setenv("RUNQ_HEARTBEAT_INTERVAL", "5")
+    assert Settings().heartbeat_interval == 5.0
+    env.setenv("RUNQ_HEARTBEAT_INTERVAL", "5.5")
+    with pytest.raises(ValidationError, match="RUNQ_HEARTBEAT_INTERVAL"):
+        Settings()
 
 
 def test_settings_are_frozen(env: pytest.MonkeyPatch) -> None:
