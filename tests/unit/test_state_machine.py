@@ -2,7 +2,8 @@
 
 Random users submit, confirm, discard, cancel, lock and unlock across two
 workspaces (one auto-applies); a random "broker" delivers the published
-messages in any order, sometimes twice; executors finish with random results.
+messages in any order, sometimes twice; executors finish with random results,
+and sometimes hear of a cancel while they run.
 After every step the invariants below are checked against the database. At
 the end every message is delivered: nothing may be stuck without a reason.
 
@@ -31,11 +32,20 @@ from hypothesis.stateful import (
 )
 from sqlalchemy import select
 
-from executors.base import Changes, Finished, Handoff, PhaseResult
+from executors.base import (
+    Changes,
+    Directive,
+    Finished,
+    Handoff,
+    PhaseResult,
+    Reply,
+    Report,
+    Started,
+)
 from executors.fake import FakeRunner
-from scheduler import dispatcher, reports, tasks, workspaces
+from scheduler import dispatcher, leases, reports, tasks, workspaces
 from scheduler.db import make_engine, upgrade
-from scheduler.errors import IllegalTransition
+from scheduler.errors import ConcurrentChange, IllegalTransition
 from scheduler.messages import (
     TASK_CLAIM_PLAN,
     TASK_DISPATCH,
@@ -48,6 +58,8 @@ from scheduler.runtime import Runtime
 from scheduler.settings import Settings
 from scheduler.states import (
     ACTIVE_APPLY,
+    CLAIMS,
+    RUNNING,
     TERMINAL,
     DispatchMode,
     Phase,
@@ -88,7 +100,6 @@ class SchedulerMachine(RuleBasedStateMachine):
                 database_url=f"sqlite:///{db}",
                 redis_url=self.redis_url,
                 data_dir=self.root / f"data-{n}",
-                lock_wait=5,
                 dispatch_mode=self.mode,
             ),
             RecordingPublisher(),
@@ -133,7 +144,13 @@ class SchedulerMachine(RuleBasedStateMachine):
         with self.rt.sessions() as s:
             return TaskStatus(s.scalars(select(Task.status).where(Task.id == task_id)).one())
 
-    def _handle(self, message: Message, result: PhaseResult | None, redelivery: bool) -> None:
+    def _handle(
+        self,
+        message: Message,
+        results: tuple[PhaseResult, PhaseResult] | None,
+        redelivery: bool,
+        cancel_midway: bool = False,
+    ) -> None:
         if message.task == TASK_CLAIM_PLAN:
             dispatcher.claim_plan(self.rt, int(message.args[0]))
         elif message.task == TASK_DISPATCH:
@@ -141,17 +158,65 @@ class SchedulerMachine(RuleBasedStateMachine):
             assert d.action != "lock_busy", d
         else:
             assert message.task == TASK_EXECUTE
-            h = Handoff.from_json(dict(message.args[0]))
-            if result is None:
-                result = PhaseResult(ok=True, has_changes=True, changes=Changes(add=1))
-            runner = FakeRunner(script=lambda _h: result)
-            runner.run(h, reports.DirectReporter(self.rt))
-            if redelivery:
-                assert runner.ran == [], "a phase started twice"
-            else:
-                assert runner.ran == [h], "a fresh hand-off was refused"
-                self.ran.append(h)
+            self._execute(message, results, redelivery, cancel_midway)
         self._collect()
+
+    def _execute(
+        self,
+        message: Message,
+        results: tuple[PhaseResult, PhaseResult] | None,
+        redelivery: bool,
+        cancel_midway: bool,
+    ) -> None:
+        """What a runs-queue worker does with ``execute(task_id, fence)``:
+        read the hand-off from the database, and run it with a FakeRunner."""
+        task_id, fence = message.args
+        assert isinstance(task_id, int) and isinstance(fence, int), message
+        assert len(message.args) == 2, "execute carries only (task id, fence)"
+        before = self._status(task_id)
+        try:
+            with self.rt.sessions() as s:
+                h = leases.load_handoff(s, self.rt.settings, task_id, fence)
+        except ConcurrentChange:
+            # Late or duplicate: only a redelivery, or a fresh hand-off whose
+            # unstarted claim a user cancelled meanwhile, may find it gone.
+            assert redelivery or before is S.CANCELLED, f"fresh execute({task_id}, {fence})"
+            return
+        assert not redelivery or before in RUNNING
+        plan_result, apply_result = results or (
+            PhaseResult(ok=True, has_changes=True, changes=Changes(add=1)),
+            PhaseResult(ok=True),
+        )
+        runner = FakeRunner(
+            script=lambda h: plan_result if h.phase is Phase.PLAN else apply_result,
+            # Long enough for one heartbeat, whose reply carries the cancel.
+            duration=0.02 if cancel_midway else 0.0,
+            heartbeat=0.01,
+        )
+        reporter: reports.DirectReporter = reports.DirectReporter(self.rt)
+        if cancel_midway:
+            reporter = CancellingReporter(self.rt)
+        runner.run(h, reporter)
+        if redelivery:
+            assert runner.ran == [], "a phase started twice"
+            return
+        assert runner.ran == [h], "a fresh hand-off was refused"
+        self.ran.append(h)
+        after = self._status(task_id)
+        if cancel_midway:
+            # The executor heard of the cancel in a heartbeat reply, stopped
+            # and reported: the phase ends cancelled, by the canceller.
+            assert after is S.CANCELLED, f"task {task_id} cancelled mid-{h.phase} is {after}"
+            with self.rt.sessions() as s:
+                last = s.scalars(
+                    select(TaskEvent)
+                    .where(TaskEvent.task_id == task_id)
+                    .order_by(TaskEvent.id.desc())
+                    .limit(1)
+                ).one()
+            assert (last.from_status, last.actor) == (before, "canceller"), last
+        else:
+            assert after not in RUNNING, f"task {task_id} still {after} after its phase"
 
     # ------------------------------------------------------------ users
 
@@ -175,7 +240,11 @@ class SchedulerMachine(RuleBasedStateMachine):
             return data.draw(st.sampled_from(suited))
         return data.draw(st.sampled_from(self.task_ids))
 
-    def _user(self, verb: str, task_id: int, expect: set[TaskStatus], task_type: bool) -> None:
+    def _user(
+        self, verb: str, task_id: int, expect: set[TaskStatus], task_type: bool, to: TaskStatus
+    ) -> None:
+        """Do ``verb`` to ``task_id``: accepted exactly when legal, and then
+        the task is ``to`` at once."""
         before = self._status(task_id)
         with self.rt.sessions() as s:
             kind = TaskType(s.scalars(select(Task.type).where(Task.id == task_id)).one())
@@ -187,19 +256,25 @@ class SchedulerMachine(RuleBasedStateMachine):
             assert self._status(task_id) is before
         else:
             assert legal, f"{verb} of {kind} in {before} accepted"
+            assert self._status(task_id) is to, f"{verb} of {kind} in {before}"
         self._collect()
 
     @precondition(lambda self: self.task_ids)
     @rule(data=st.data(), verb=st.sampled_from(["confirm", "discard"]))
     def review(self, data: st.DataObject, verb: str) -> None:
         tid = self._pick(data, {S.APPLY_PENDING})
-        self._user(verb, tid, {S.APPLY_PENDING}, task_type=False)
+        to = S.APPLY_QUEUED if verb == "confirm" else S.DISCARDED
+        self._user(verb, tid, {S.APPLY_PENDING}, task_type=False, to=to)
 
     @precondition(lambda self: self.task_ids)
     @rule(data=st.data())
     def cancel(self, data: st.DataObject) -> None:
-        tid = self._pick(data, set(tasks.CANCELLABLE))
-        self._user("cancel", tid, set(tasks.CANCELLABLE), task_type=True)
+        # Between rules no executor is running (the fake ones finish inside
+        # one delivery), so a claimed phase is unstarted: a cancel ends it at
+        # once, like a task that is not running.
+        cancellable = set(tasks.CANCELLABLE) | set(RUNNING)
+        tid = self._pick(data, cancellable)
+        self._user("cancel", tid, cancellable, task_type=True, to=S.CANCELLED)
 
     @rule(ws=st.sampled_from(WORKSPACES))
     def toggle_lock(self, ws: str) -> None:
@@ -230,18 +305,22 @@ class SchedulerMachine(RuleBasedStateMachine):
             if not self.queue:
                 return
             message = self.queue.pop(data.draw(st.integers(0, len(self.queue) - 1)))
-            result = None
+            results = None
+            cancel_midway = False
             if message.task == TASK_EXECUTE:
-                phase = Phase(message.args[0]["phase"])
-                result = data.draw(PLAN_RESULTS if phase is Phase.PLAN else APPLY_RESULTS)
+                # The message names no phase: the runner's script picks by the
+                # hand-off read from the database.
+                results = (data.draw(PLAN_RESULTS), data.draw(APPLY_RESULTS))
+                cancel_midway = data.draw(st.integers(0, 7)) == 0
             self.delivered.append(message)
-            self._handle(message, result, redelivery=False)
+            self._handle(message, results, redelivery=False, cancel_midway=cancel_midway)
 
     @precondition(lambda self: self.delivered)
     @rule(data=st.data())
     def redeliver(self, data: st.DataObject) -> None:
         message = data.draw(st.sampled_from(self.delivered))
-        self._handle(message, PhaseResult(ok=False, error="duplicate"), redelivery=True)
+        dup = PhaseResult(ok=False, error="duplicate")
+        self._handle(message, (dup, dup), redelivery=True)
 
     @precondition(lambda self: self.task_ids)
     @rule(data=st.data())
@@ -260,8 +339,9 @@ class SchedulerMachine(RuleBasedStateMachine):
         """An executor that already finished reports again: always refused."""
         h = data.draw(st.sampled_from(self.ran))
         before = self._status(h.task_id)
-        ok = reports.accept(self.rt, Finished(h.task_id, h.fence, h.phase, PhaseResult(ok=True)))
-        assert not ok
+        reply = reports.accept(self.rt, Finished(h.task_id, h.fence, h.phase, PhaseResult(ok=True)))
+        assert not reply.accepted
+        assert reply.directive is Directive.KILL
         assert self._status(h.task_id) is before
         self._collect()
 
@@ -308,7 +388,10 @@ class SchedulerMachine(RuleBasedStateMachine):
                 assert TaskStatus(nxt.to_status) in allowed(
                     TaskType(r.type), TaskStatus(nxt.from_status)
                 ), f"task {r.id}: illegal {nxt.from_status} -> {nxt.to_status}"
-                assert nxt.fence >= prev.fence
+                # A claim hands the phase to a new owner: a new fence. Any
+                # other move keeps it.
+                claim = (TaskStatus(nxt.from_status), TaskStatus(nxt.to_status)) in CLAIMS
+                assert nxt.fence == prev.fence + (1 if claim else 0), f"task {r.id}: fence"
             assert chain[-1].to_status == r.status, f"task {r.id}: events disagree with status"
             assert chain[-1].fence == r.fence
             if r.type == TaskType.PLAN:
@@ -385,6 +468,18 @@ class SchedulerMachine(RuleBasedStateMachine):
                     r.id for r in rows if r.name == ws and r.type != PA and r.status == S.PENDING
                 ]
                 assert not stuck, f"{ws}: plans {stuck} never claimed"
+
+
+class CancellingReporter(reports.DirectReporter):
+    """A user cancels the task right after its executor started the phase."""
+
+    def report(self, report: Report) -> Reply:
+        reply = super().report(report)
+        if isinstance(report, Started) and reply.accepted:
+            view = tasks.cancel(self.rt, report.task_id, actor="canceller")
+            # Started: the request is recorded; the executor stops the phase.
+            assert view.status in RUNNING and view.cancel_requested_by == "canceller"
+        return reply
 
 
 @pytest.fixture(scope="module")
