@@ -19,6 +19,9 @@ Hazards and what guards them:
   terraform must not run on unsupervised, applying changes no one records:
   each command is started with a parent-death signal (``PR_SET_PDEATHSIG``,
   SIGKILL), in its own process group so signals reach its provider plugins.
+  Terraform up to 1.0 re-executes itself as a child (panicwrap) and the
+  child does the work; a parent-death signal reaches only the parent, so
+  ``TF_FORK=0`` keeps terraform in the one process the signal is set on.
 * **A half-written state file.** Terraform rewrites its local state in
   place; a read mid-write is not valid JSON and is simply retried next tick.
 * **An interrupt is not a stop.** SIGINT asks terraform to finish the
@@ -111,7 +114,9 @@ class Supervisor:
         self.timing = timing
         self.workdir = workdir
         self.log_path = log_path
-        self.env = env
+        # Without TF_FORK=0, the apply itself runs in panicwrap's child,
+        # which outlives a SIGKILLed worker and applies on, unrecorded.
+        self.env = {**env, "TF_FORK": "0"}
         #: Watched during an apply; None for plans (they write no state).
         self.state_file = state_file
         self.started = time.monotonic()
