@@ -223,6 +223,12 @@ class Supervisor:
         if self.stale:
             # A state write refused as stale: someone else owns the phase.
             # Stop terraform now, not at the next heartbeat's reply.
+            log.warning(
+                "task %s: killing terraform: %s",
+                self.handoff.task_id,
+                self._stop_detail,
+                extra={"action": "terraform_killed", "task_id": self.handoff.task_id},
+            )
             self._signal(proc, signal.SIGKILL)
             self._kill_at = None
             return
