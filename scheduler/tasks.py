@@ -279,18 +279,32 @@ def cancel(
         task, ws = _load(s, task_id)
         current = TaskStatus(task.status)
         if current in CANCELLABLE or (current in RUNNING and task.executor_handle is None):
-            transition(
-                s,
-                task_id,
-                TaskStatus.CANCELLED,
-                actor=who,
-                reason=reason or "cancelled",
-                expect={current},
-                fence=task.fence,
-            )
-            s.refresh(task)
-            log.info("task %s: cancelled", task_id, extra={"action": "cancel", "task_id": task_id})
-            return TaskView.of(task, ws)
+            try:
+                transition(
+                    s,
+                    task_id,
+                    TaskStatus.CANCELLED,
+                    actor=who,
+                    reason=reason or "cancelled",
+                    expect={current},
+                    fence=task.fence,
+                    # An executor may start the phase between our read and
+                    # this UPDATE. Ending the task under it would make its
+                    # next heartbeat a stale kill, mid-apply, with the state
+                    # it saves refused: it must hear of the cancel instead.
+                    guard=Task.executor_handle.is_(None) if current in RUNNING else None,
+                )
+            except ConcurrentChange:
+                if current not in RUNNING:
+                    raise
+                s.refresh(task)  # started meanwhile: record the request below
+                current = TaskStatus(task.status)
+            else:
+                s.refresh(task)
+                log.info(
+                    "task %s: cancelled", task_id, extra={"action": "cancel", "task_id": task_id}
+                )
+                return TaskView.of(task, ws)
         if current not in RUNNING:
             raise IllegalTransition(
                 f"cannot cancel task {task_id}: it is {current}, which is final"

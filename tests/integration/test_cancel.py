@@ -333,3 +333,36 @@ def test_a_lapsed_lease_of_a_cancelled_task_ends_it_cancelled(
     assert str(reason).startswith("cancelled; executor lost: last heard from at")
     assert executes(rt) == []
     assert messages.dispatch(ws) in recorder(rt).sent
+
+
+# PostgreSQL only: on SQLite the cancel's transaction holds the write lock
+# from its first read, so no executor can start in between.
+@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
+def test_an_executor_starting_during_the_cancel_hears_of_it(
+    rt: Runtime, ws: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tid, f = applying(rt, ws)
+    real_transition = tasks.transition
+    started: list[Reply] = []
+
+    def start_first(*args: Any, **kwargs: Any) -> Any:
+        # cancel() has read the apply as unstarted; its executor starts
+        # terraform apply (and commits that) before cancel's UPDATE.
+        if not started:
+            started.append(begin(rt, tid, f, Phase.APPLY))
+        return real_transition(*args, **kwargs)
+
+    monkeypatch.setattr(tasks, "transition", start_first)
+    view = tasks.cancel(rt, tid, actor="alice")
+
+    assert started == [Reply.ok()]
+    # Not ended under the running apply (its heartbeat would then be told to
+    # kill terraform as stale, and the state it saves would be refused):
+    # the cancel is requested, and the executor interrupts terraform.
+    assert (view.status, view.cancel_requested_by) == (S.APPLYING, "alice")
+    reply = beat(rt, tid, f, Phase.APPLY)
+    assert (reply.accepted, reply.directive) == (True, Directive.INTERRUPT)
+    content = b'{"serial": 2, "lineage": "L"}'
+    assert reports.accept(rt, StateWritten(tid, f, 2, "L", content)).accepted
+    assert end(rt, tid, f, CANCELLED_BY_EXECUTOR, Phase.APPLY).accepted
+    assert last_event(rt, tid) == (S.APPLYING, S.CANCELLED, "alice", "cancelled: apply stopped")
