@@ -82,6 +82,7 @@ def check_timeouts(*values: float | None) -> None:
 
 
 #: "Leave as is" for :func:`set_timeouts`; None there means "the default".
+#: Compared by identity: a -1 that a user typed is an invalid timeout, not this.
 KEEP: float = -1.0
 
 
@@ -93,7 +94,7 @@ def set_timeouts(
     values = {
         key: value
         for key, value in (("plan_timeout", plan_timeout), ("apply_timeout", apply_timeout))
-        if value != KEEP
+        if value is not KEEP
     }
     check_timeouts(*values.values())
     with rt.transaction() as s:

@@ -119,7 +119,7 @@ def test_workspace_timeouts_override_the_defaults(rt: Runtime, src: Path) -> Non
     assert beat(rt, tid, fa, Phase.APPLY) == timed_out(Phase.APPLY, "45")
 
 
-@pytest.mark.parametrize("bad", [0, 7 * 24 * 3600 + 1])
+@pytest.mark.parametrize("bad", [0, -1, 7 * 24 * 3600 + 1])
 def test_invalid_timeouts_are_refused(rt: Runtime, ws: str, src: Path, bad: float) -> None:
     before = everything(rt)
     with pytest.raises(InvalidInput, match="between 0 and 7 days"):
