@@ -33,7 +33,7 @@ PG_ADMIN_URL = os.environ.get(
     "RUNQ_TEST_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
 )
 REDIS_URL = os.environ.get("RUNQ_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
-TABLES = ("task_events", "tasks", "workspaces")
+TABLES = ("state_versions", "service_beats", "task_events", "tasks", "workspaces")
 
 
 # ---------------------------------------------------------------- databases
@@ -162,7 +162,6 @@ def settings(db_url: str, redis_url: str, tmp_path: Path) -> Settings:
         database_url=db_url,
         redis_url=redis_url,
         data_dir=tmp_path / "data",
-        lock_wait=5,
     )
 
 

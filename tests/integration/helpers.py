@@ -20,7 +20,7 @@ from executors.base import (
     StopReason,
 )
 from executors.fake import FakeRunner
-from scheduler import dispatcher, reports, tasks, workspaces
+from scheduler import dispatcher, leases, reports, tasks, workspaces
 from scheduler.messages import (
     QUEUE_DISPATCH,
     QUEUE_PLANS,
@@ -33,7 +33,7 @@ from scheduler.messages import (
 )
 from scheduler.models import Base, StateVersion, Task, TaskEvent, Workspace, utcnow
 from scheduler.runtime import Runtime
-from scheduler.states import Phase, TaskStatus, TaskType
+from scheduler.states import RUNNING, ExecutionMode, Phase, TaskStatus, TaskType, phase_of
 from scheduler.views import EventView, WorkspaceView
 
 PLAN_WITH_CHANGES = PhaseResult(ok=True, has_changes=True, changes=Changes(add=2, change=1))
@@ -72,12 +72,44 @@ def claim_plans(rt: Runtime) -> list[int]:
 
 
 def handoffs(rt: Runtime) -> list[Handoff]:
-    """The execute hand-offs published to the runs queue so far."""
-    return [
-        Handoff.from_json(dict(m.args[0]))
-        for m in recorder(rt).sent
-        if m.task == TASK_EXECUTE and m.queue == QUEUE_RUNS
-    ]
+    """The hand-offs published to the runs queue so far, as a worker would
+    build them: an execute message carries only (task id, fence), the rest
+    is read from the database (the phase from that fence's claim event)."""
+    sent = [m for m in recorder(rt).sent if m.task == TASK_EXECUTE and m.queue == QUEUE_RUNS]
+    for m in sent:
+        assert len(m.args) == 2 and all(type(a) is int for a in m.args), m
+    return [handoff_for(rt, int(m.args[0]), int(m.args[1])) for m in sent]
+
+
+def handoff_for(rt: Runtime, task_id: int, fence: int) -> Handoff:
+    """The hand-off of task ``task_id``'s claim under ``fence``, read from the
+    database even if that claim is over (a late or duplicated message)."""
+    with rt.sessions() as s:
+        task, ws = s.execute(
+            select(Task, Workspace)
+            .join(Workspace, Workspace.id == Task.workspace_id)
+            .where(Task.id == task_id)
+        ).one()
+        claimed_as = s.scalars(
+            select(TaskEvent.to_status).where(
+                TaskEvent.task_id == task_id,
+                TaskEvent.fence == fence,
+                TaskEvent.to_status.in_([str(x) for x in RUNNING]),
+            )
+        ).one()
+        phase = phase_of(TaskStatus(claimed_as))
+        assert phase is not None
+        return Handoff(
+            task_id=task_id,
+            workspace=ws.name,
+            phase=phase,
+            fence=fence,
+            speculative=task.type == TaskType.PLAN,
+            mode=ExecutionMode(ws.execution_mode),
+            source_dir=ws.source_dir,
+            agent_pool=ws.agent_pool,
+            timeout=leases.phase_timeout(rt.settings, ws, phase),
+        )
 
 
 def last_handoff(rt: Runtime, task_id: int) -> Handoff:
@@ -97,13 +129,16 @@ def run_phase(rt: Runtime, task: int | Handoff, result: PhaseResult) -> Handoff:
 
 
 def start(rt: Runtime, handoff: Handoff) -> bool:
+    """The executor's Started report; whether it was accepted."""
     return reports.accept(
         rt, Started(handoff.task_id, handoff.fence, handoff.phase, f"test:{handoff.task_id}")
-    )
+    ).accepted
 
 
 def finish(rt: Runtime, handoff: Handoff, result: PhaseResult, *, fence: int | None = None) -> bool:
-    return reports.accept(
+    """The executor's Finished report; whether it was accepted (a refusal is
+    always a stale kill: see :func:`is_stale`)."""
+    reply = reports.accept(
         rt,
         Finished(
             handoff.task_id,
@@ -112,6 +147,8 @@ def finish(rt: Runtime, handoff: Handoff, result: PhaseResult, *, fence: int | N
             result,
         ),
     )
+    assert reply.accepted or is_stale(reply), reply
+    return reply.accepted
 
 
 def status(rt: Runtime, task_id: int) -> TaskStatus:

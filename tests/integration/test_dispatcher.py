@@ -4,6 +4,7 @@ lock, the manual lock, apply claims, wake-ups and failed hand-offs."""
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -14,8 +15,8 @@ from sqlalchemy.orm import ORMExecuteState
 
 from executors.base import Handoff, PhaseResult
 from executors.fake import FakeLauncher
-from scheduler import dispatcher, tasks, workspaces
-from scheduler.locks import lock_key
+from scheduler import dispatcher, reconciler, tasks, workspaces
+from scheduler.locks import dirty_key, lock_key
 from scheduler.models import Task, Workspace
 from scheduler.runtime import Runtime
 from scheduler.states import DispatchMode, ExecutionMode, Phase, TaskStatus, TaskType
@@ -24,8 +25,10 @@ from tests.integration.helpers import (
     PLAN_FAILED,
     PLAN_NO_CHANGES,
     PLAN_WITH_CHANGES,
+    ago,
     chain,
     dispatches,
+    executes,
     fence,
     finish,
     handoffs,
@@ -33,6 +36,7 @@ from tests.integration.helpers import (
     make_workspace,
     recorder,
     run_phase,
+    set_task,
     snapshot,
     start,
     status,
@@ -78,8 +82,11 @@ def test_dispatch_claims_the_oldest_pending_plan_and_apply(rt: Runtime, ws: str)
             speculative=False,
             mode=ExecutionMode.LOCAL,
             source_dir=workspaces.get(rt, ws).source_dir,
+            timeout=rt.settings.plan_timeout,
         )
     ]
+    # Only the id and the fence travel; the worker reads the rest.
+    assert executes(rt) == [(ids[0], 1)]
     # A claimed phase starts with no executor yet.
     assert tasks.get(rt, ids[0]).executor_handle is None
 
@@ -128,23 +135,30 @@ def test_plans_never_go_through_dispatch_in_new_mode(rt: Runtime, ws: str) -> No
 
 
 def test_dispatch_with_lock_held_elsewhere_is_lock_busy(rt: Runtime, ws: str, redis: Redis) -> None:
+    """A dispatcher never waits for the lock: it marks the workspace dirty
+    for the holder (who looks again after releasing) and leaves at once."""
     t = tasks.submit(rt, ws, PA)
     other = redis.lock(lock_key(ws), timeout=60)
     assert other.acquire(blocking=False)
-    impatient = variant(rt, lock_wait=0.1)
     try:
-        d = dispatcher.dispatch(impatient, ws)
+        began = time.monotonic()
+        d = dispatcher.dispatch(rt, ws)
+        assert time.monotonic() - began < 1.0, "dispatch waited for the lock"
         assert (d.action, d.claimed) == ("lock_busy", False)
         assert status(rt, t.id) is S.PENDING
         assert handoffs(rt) == []
-        # Our lock is untouched: the dispatcher did not steal or release it.
+        # Our lock is untouched: the dispatcher did not steal or release it...
         assert other.owned()
+        # ...and its wake-up is left for us, the holder.
+        assert redis.exists(dirty_key(ws))
+        ttl = redis.pttl(dirty_key(ws))
+        assert 0 < ttl <= 2 * rt.settings.lock_ttl * 1000, "the mark expires"
     finally:
         other.release()
-        impatient.close()
-    # Lock free again: the same call claims.
+    # Lock free again: the same call claims, and answers the mark.
     assert dispatcher.dispatch(rt, ws).task_id == t.id
     assert not redis.exists(lock_key(ws)), "dispatch releases the lock when done"
+    assert not redis.exists(dirty_key(ws))
 
 
 # ---------------------------------------------------------------- plans: no lock
@@ -444,46 +458,88 @@ def test_legacy_mode_manual_lock_lets_plans_through(legacy_rt: Runtime, src: Pat
 
 
 # ---------------------------------------------------------------- failed hand-off
+# A failed hand-off is not fatal (issue 5): the claim stays, unstarted, under
+# its fence, and the reconciler re-sends it with backoff; only after
+# RUNQ_HANDOFF_ATTEMPTS sends does the task fail (tests/integration/
+# test_handoff_retry.py covers the backoff and the limit).
 
 
-def test_failed_handoff_fails_the_task_and_frees_the_workspace(
+def _unstarted_claim(rt: Runtime, task_id: int, status_: TaskStatus, fence_: int) -> None:
+    view = tasks.get(rt, task_id)
+    assert (view.status, view.fence, view.executor_handle, view.error) == (
+        status_,
+        fence_,
+        None,
+        None,
+    )
+    assert (view.handoff_attempts, view.lease_expires_at) == (1, None)
+
+
+def test_failed_handoff_keeps_the_claim_and_the_reconciler_resends_it(
     rt: Runtime, ws: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     first = tasks.submit(rt, ws, PA)
     second = tasks.submit(rt, ws, PA)
     broken = FakeLauncher(fail_with=ConnectionError("broker unreachable"))
     monkeypatch.setattr(dispatcher, "launcher_for", lambda mode, publisher: broken)
+    recorder(rt).sent.clear()
 
     d = dispatcher.dispatch(rt, ws)
 
-    assert d.task_id == first.id
-    view = tasks.get(rt, first.id)
-    assert view.status is S.FAILED
-    assert view.error == "hand-off to local executor failed: broker unreachable"
-    assert chain(rt, first.id)[-1] == ("planning", "failed")
-    assert dispatches(rt)[-1] == ws, "the failure frees the workspace and wakes dispatch"
+    assert (d.action, d.task_id, d.fence) == ("claimed_plan", first.id, 1)
+    _unstarted_claim(rt, first.id, S.PLANNING, 1)
+    assert chain(rt, first.id)[-1] == ("pending", "planning")
+    # The claim still holds the workspace: nothing is woken, nothing overtakes.
+    assert dispatches(rt) == []
+    assert dispatcher.dispatch(rt, ws).action == "skipped"
+    assert status(rt, second.id) is S.PENDING
 
+    # Not yet due: the reconciler leaves it alone.
     working = FakeLauncher()
     monkeypatch.setattr(dispatcher, "launcher_for", lambda mode, publisher: working)
+    assert reconciler.sweep(rt).resent == []
+    assert working.launched == []
+    # Due: re-sent under the same fence, to the same executor mode.
+    set_task(rt, first.id, handoff_at=ago(rt.settings.resend_after + 1))
+    assert reconciler.sweep(rt).resent == [first.id]
+    [h] = working.launched
+    assert (h.task_id, h.phase, h.fence, h.speculative) == (first.id, Phase.PLAN, 1, False)
+    view = tasks.get(rt, first.id)
+    assert (view.status, view.fence, view.handoff_attempts) == (S.PLANNING, 1, 2)
+    assert status(rt, second.id) is S.PENDING
+
+    # The re-sent hand-off runs; the plan's end frees the workspace.
+    run_phase(rt, h, PLAN_NO_CHANGES)
+    assert status(rt, first.id) is S.SUCCESS
     assert dispatcher.dispatch(rt, ws).task_id == second.id
-    assert [h.task_id for h in working.launched] == [second.id]
-    assert status(rt, second.id) is S.PLANNING
+    assert [x.task_id for x in working.launched] == [first.id, second.id]
 
 
-def test_failed_handoff_of_a_plan_fails_the_plan(
+def test_failed_handoff_of_a_plan_keeps_the_claim(
     rt: Runtime, ws: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     plan = tasks.submit(rt, ws, TaskType.PLAN)
     broken = FakeLauncher(fail_with=RuntimeError("no route"))
     monkeypatch.setattr(dispatcher, "launcher_for", lambda mode, publisher: broken)
-    assert dispatcher.claim_plan(rt, plan.id).claimed
-    view = tasks.get(rt, plan.id)
-    assert (view.status, view.error) == (S.FAILED, "hand-off to local executor failed: no route")
+    d = dispatcher.claim_plan(rt, plan.id)
+    assert (d.action, d.fence) == ("claimed_plan", 1)
+    _unstarted_claim(rt, plan.id, S.PLANNING, 1)
+    # A duplicate claim message does not claim it again.
+    assert dispatcher.claim_plan(rt, plan.id).action == "skipped"
+    assert fence(rt, plan.id) == 1
+
+    working = FakeLauncher()
+    monkeypatch.setattr(dispatcher, "launcher_for", lambda mode, publisher: working)
+    set_task(rt, plan.id, handoff_at=ago(rt.settings.resend_after + 1))
+    assert reconciler.sweep(rt).resent == [plan.id]
+    [h] = working.launched
+    assert (h.task_id, h.phase, h.fence, h.speculative) == (plan.id, Phase.PLAN, 1, True)
 
 
-def test_agent_mode_handoff_fails_with_not_implemented(rt: Runtime) -> None:
+def test_agent_mode_handoff_fails_after_its_attempts(rt: Runtime) -> None:
     """submit refuses agent workspaces, so the row is put there directly; the
-    dispatcher then hands off to the agent launcher, which is not built yet."""
+    dispatcher then hands off to the agent launcher, which is not built yet.
+    Every send fails; after RUNQ_HANDOFF_ATTEMPTS the task fails."""
     workspaces.create(rt, "remote", mode="agent", agent_pool="pool-1")
     with rt.transaction() as s:
         ws_row = s.query(Workspace).filter_by(name="remote").one()
@@ -495,11 +551,21 @@ def test_agent_mode_handoff_fails_with_not_implemented(rt: Runtime) -> None:
     d = dispatcher.dispatch(rt, "remote")
 
     assert d.task_id == task_id
+    _unstarted_claim(rt, task_id, S.PLANNING, 1)
+    attempts = rt.settings.handoff_attempts
+    for n in range(2, attempts + 1):
+        set_task(rt, task_id, handoff_at=ago(3601))
+        assert reconciler.sweep(rt).resent == [task_id]
+        assert tasks.get(rt, task_id).handoff_attempts == n
+    set_task(rt, task_id, handoff_at=ago(3601))
+    out = reconciler.sweep(rt)
+    assert (out.resent, out.handoff_failed) == ([], [task_id])
     view = tasks.get(rt, task_id)
-    assert view.status is S.FAILED
-    assert view.error is not None
-    assert "hand-off to agent executor failed" in view.error
-    assert "not implemented yet" in view.error
+    assert (view.status, view.fence) == (S.FAILED, 1)
+    assert view.error == (
+        f"hand-off failed: no agent executor started the plan after {attempts} sends"
+    )
+    assert chain(rt, task_id)[-1] == ("planning", "failed")
     assert handoffs(rt) == []
 
 

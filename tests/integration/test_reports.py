@@ -15,6 +15,7 @@ from tests.integration.helpers import (
     PLAN_WITH_CHANGES,
     chain,
     finish,
+    is_stale,
     last_handoff,
     rejected_reports,
     snapshot,
@@ -73,7 +74,7 @@ def test_a_phase_starts_at_most_once(
     before = snapshot(rt)
     caplog.set_level(logging.WARNING, logger="scheduler.reports")
     again = Started(tid, h.fence, h.phase, "someone-else")
-    assert not reports.accept(rt, again)
+    assert is_stale(reports.accept(rt, again))
     assert snapshot(rt) == before
     assert tasks.get(rt, tid).executor_handle == f"test:{tid}"
     assert len(rejected_reports(caplog.records)) == 1
@@ -93,9 +94,9 @@ def test_stale_fence_is_rejected_logged_and_changes_nothing(
     before = snapshot(rt)
     caplog.set_level(logging.WARNING, logger="scheduler.reports")
 
-    assert not reports.accept(rt, Started(tid, h.fence - 1, Phase.PLAN, "old"))
-    assert not reports.accept(rt, Finished(tid, h.fence - 1, Phase.PLAN, PLAN_WITH_CHANGES))
-    assert not reports.accept(rt, Finished(tid, h.fence + 1, Phase.PLAN, PLAN_WITH_CHANGES))
+    assert is_stale(reports.accept(rt, Started(tid, h.fence - 1, Phase.PLAN, "old")))
+    assert is_stale(reports.accept(rt, Finished(tid, h.fence - 1, Phase.PLAN, PLAN_WITH_CHANGES)))
+    assert is_stale(reports.accept(rt, Finished(tid, h.fence + 1, Phase.PLAN, PLAN_WITH_CHANGES)))
 
     assert snapshot(rt) == before
     assert chain(rt, tid) == [(None, "pending"), ("pending", "planning")]
@@ -110,8 +111,8 @@ def test_finished_for_the_wrong_phase_is_rejected(rt: Runtime, ws: str) -> None:
     tid = _claimed_plan(rt, ws, TaskType.PLAN_AND_APPLY)
     h = last_handoff(rt, tid)
     before = snapshot(rt)
-    assert not reports.accept(rt, Finished(tid, h.fence, Phase.APPLY, PhaseResult(ok=True)))
-    assert not reports.accept(rt, Started(tid, h.fence, Phase.APPLY, "x"))
+    assert is_stale(reports.accept(rt, Finished(tid, h.fence, Phase.APPLY, PhaseResult(ok=True))))
+    assert is_stale(reports.accept(rt, Started(tid, h.fence, Phase.APPLY, "x")))
     assert snapshot(rt) == before
 
 
@@ -126,5 +127,5 @@ def test_second_finished_is_rejected(rt: Runtime, ws: str) -> None:
 
 
 def test_report_for_a_missing_task_is_rejected_not_raised(rt: Runtime, ws: str) -> None:
-    assert not reports.accept(rt, Finished(999999, 1, Phase.PLAN, PLAN_WITH_CHANGES))
-    assert not reports.accept(rt, Started(999999, 1, Phase.PLAN, "x"))
+    assert is_stale(reports.accept(rt, Finished(999999, 1, Phase.PLAN, PLAN_WITH_CHANGES)))
+    assert is_stale(reports.accept(rt, Started(999999, 1, Phase.PLAN, "x")))
