@@ -31,12 +31,22 @@ def test_no_autogenerate_diff_against_the_models(engine: Engine) -> None:
     assert diff == []
 
 
+HEAD = "0002"
+
+
 def test_upgrade_is_at_head_and_idempotent(engine: Engine) -> None:
-    assert current_revision(engine) == "0001"
+    assert current_revision(engine) == HEAD
     upgrade(engine)
-    assert current_revision(engine) == "0001"
+    assert current_revision(engine) == HEAD
     tables = set(inspect(engine).get_table_names())
-    assert {"workspaces", "tasks", "task_events", "alembic_version"} <= tables
+    assert {
+        "workspaces",
+        "tasks",
+        "task_events",
+        "state_versions",
+        "service_beats",
+        "alembic_version",
+    } <= tables
 
 
 def test_fresh_sqlite_file_from_scratch(tmp_path_factory: pytest.TempPathFactory) -> None:
