@@ -6,12 +6,13 @@ import re
 from collections.abc import Iterator
 
 import pytest
+from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Engine, inspect, text
 from sqlalchemy.exc import IntegrityError
 
-from scheduler.db import current_revision, make_engine, upgrade
+from scheduler.db import alembic_config, current_revision, make_engine, upgrade
 from scheduler.models import Base
 from scheduler.states import ACTIVE_APPLY
 
@@ -47,6 +48,77 @@ def test_upgrade_is_at_head_and_idempotent(engine: Engine) -> None:
         "service_beats",
         "alembic_version",
     } <= tables
+
+
+def test_0002_upgrades_a_0001_database_with_tasks_in_it(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """Rows written under 0001 survive 0002 (SQLite rebuilds the tasks table
+    for it) with the new columns' defaults, and the guards still hold."""
+    path = tmp_path_factory.mktemp("old") / "runq.db"
+    eng = make_engine(f"sqlite:///{path}")
+    try:
+        upgrade(eng, "0001")
+        assert current_revision(eng) == "0001"
+        with eng.begin() as conn:
+            conn.execute(
+                text(
+                    "INSERT INTO workspaces"
+                    " (name, execution_mode, auto_apply, task_seq, created_at)"
+                    " VALUES ('w', 'local', false, 2, CURRENT_TIMESTAMP)"
+                )
+            )
+            conn.execute(
+                text(
+                    "INSERT INTO tasks (workspace_id, type, status, queue_seq, fence, created_at)"
+                    " VALUES (1, 'plan_and_apply', 'planning', 1, 1, CURRENT_TIMESTAMP),"
+                    " (1, 'plan', 'success', 2, 1, CURRENT_TIMESTAMP)"
+                )
+            )
+            # Event rows reference the tasks table that SQLite rebuilds.
+            conn.execute(
+                text(
+                    "INSERT INTO task_events (task_id, from_status, to_status, actor, fence, at)"
+                    " VALUES (1, NULL, 'pending', 'old', 0, CURRENT_TIMESTAMP),"
+                    " (1, 'pending', 'planning', 'old', 1, CURRENT_TIMESTAMP),"
+                    " (2, NULL, 'pending', 'old', 0, CURRENT_TIMESTAMP)"
+                )
+            )
+        upgrade(eng)
+        assert current_revision(eng) == HEAD
+        with eng.connect() as conn:
+            rows = conn.execute(
+                text(
+                    "SELECT id, status, fence, handoff_attempts, plan_attempts, cancel_force,"
+                    " lease_expires_at FROM tasks ORDER BY id"
+                )
+            ).all()
+            assert [tuple(r) for r in rows] == [
+                (1, "planning", 1, 0, 0, 0, None),
+                (2, "success", 1, 0, 0, 0, None),
+            ]
+            assert conn.scalar(text("SELECT count(*) FROM task_events")) == 3
+            # Foreign keys are enforced again on the migrating connection's pool.
+            assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+            assert conn.exec_driver_sql("PRAGMA foreign_key_check").all() == []
+            ctx = MigrationContext.configure(conn, opts={"compare_type": True})
+            assert compare_metadata(ctx, Base.metadata) == []
+        # The one-active-plan+apply index survived the table rebuild.
+        sql = _index_sql(eng)
+        assert re.search(r"UNIQUE INDEX", sql, re.IGNORECASE) and "WHERE" in sql
+        with pytest.raises(IntegrityError), eng.begin() as conn:
+            conn.execute(
+                text(
+                    "INSERT INTO tasks (workspace_id, type, status, queue_seq, fence, created_at)"
+                    " VALUES (1, 'plan_and_apply', 'applying', 3, 1, CURRENT_TIMESTAMP)"
+                )
+            )
+        # And 0002 goes back down cleanly.
+        command.downgrade(alembic_config(eng), "0001")
+        assert current_revision(eng) == "0001"
+        assert not {"state_versions", "service_beats"} & set(inspect(eng).get_table_names())
+    finally:
+        eng.dispose()
 
 
 def test_fresh_sqlite_file_from_scratch(tmp_path_factory: pytest.TempPathFactory) -> None:
