@@ -22,9 +22,11 @@ from scheduler.states import TaskStatus, TaskType
 from tests.integration.helpers import (
     PLAN_NO_CHANGES,
     counts,
+    last_handoff,
     recorder,
     run_phase,
     snapshot,
+    start,
 )
 
 
@@ -79,11 +81,23 @@ def test_cancel_a_finished_task(rt: Runtime, ws: str) -> None:
     unchanged(rt, lambda: tasks.cancel(rt, cancelled.id), IllegalTransition)
 
 
-def test_cancel_a_running_task_is_refused(rt: Runtime, ws: str) -> None:
+def test_cancel_a_running_task_is_a_request_not_a_refusal(rt: Runtime, ws: str) -> None:
+    """Since issue 5 a running phase can be cancelled: not refused, and not
+    ended here either. The request is recorded for its executor, which hears
+    of it in a heartbeat reply (tests/integration/test_cancel.py); until then
+    no status, event or message changes."""
     t = tasks.submit(rt, ws, TaskType.PLAN_AND_APPLY)
     dispatcher.dispatch(rt, ws)
-    msg = unchanged(rt, lambda: tasks.cancel(rt, t.id), IllegalTransition)
-    assert "planning" in msg
+    assert start(rt, last_handoff(rt, t.id))
+    before = (counts(rt), snapshot(rt), len(recorder(rt).sent))
+    view = tasks.cancel(rt, t.id)
+    assert (counts(rt), snapshot(rt), len(recorder(rt).sent)) == before
+    assert (view.status, view.cancel_requested_by, view.cancel_force) == (
+        TaskStatus.PLANNING,
+        "test",
+        False,
+    )
+    assert view.cancel_requested_at is not None
 
 
 @pytest.mark.parametrize("verb", ["get", "confirm", "discard", "cancel"])
