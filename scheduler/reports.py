@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from sqlalchemy import select
-from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
 from executors.base import (
@@ -178,6 +178,17 @@ def _end(rt: Runtime, s: Session, task: Task, ws: Workspace, report: Finished) -
 TRANSIENT = (OperationalError, InterfaceError)
 
 
+def is_transient(exc: DBAPIError) -> bool:
+    """A :data:`TRANSIENT` error, or any error that cost the connection.
+
+    A session the server ended while it sat in a transaction (the process
+    was paused past ``idle_in_transaction_session_timeout``) fails its next
+    statement with SQLSTATE 25P03, which psycopg classes as an
+    ``InternalError``; the connection is gone, and a retry on a new one lands.
+    """
+    return isinstance(exc, TRANSIENT) or exc.connection_invalidated
+
+
 class DirectReporter:
     """Reports straight to the database (executors inside a runq worker).
 
@@ -222,8 +233,8 @@ def retry_transient(fn: Callable[[], T], what: str, give_up_after: float) -> T:
     while True:
         try:
             return fn()
-        except TRANSIENT as exc:
-            if time.monotonic() + delay > deadline:
+        except DBAPIError as exc:
+            if not is_transient(exc) or time.monotonic() + delay > deadline:
                 raise
             log.warning(
                 "%s failed on a database error (%s); retrying in %.1fs",

@@ -237,3 +237,43 @@ def test_finished_lands_after_the_database_was_unreachable(
     view = tasks.get(rt, tid)
     assert (view.status, view.fence, view.error) == (S.APPLIED, f, None)
     assert task_events(rt, tid)[-1].actor == "worker"
+
+
+# ---------------------------------------------------------------- paused mid-report
+
+
+def test_a_report_paused_past_the_idle_timeout_is_retried(
+    rt: Runtime, ws: str, caplog: Any
+) -> None:
+    tid, f = applying(rt, ws)
+    paused = tuned(rt, actor="worker", db_idle_in_transaction_timeout=0.5)
+    try:
+        reporter = DirectReporter(paused)
+        assert reporter.report(Started(tid, f, Phase.APPLY, "exec:1")).accepted
+        stopped: list[int] = []
+
+        def sigstop_once(conn: Any, *_: Any) -> None:
+            # The worker is stopped (SIGSTOP) inside the report's transaction,
+            # after its first statement, until the server has ended the session.
+            if stopped:
+                return
+            pid = conn.connection.dbapi_connection.info.backend_pid
+            stopped.append(pid)
+            deadline = time.monotonic() + 10
+            with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
+                while admin.execute(
+                    "SELECT 1 FROM pg_stat_activity WHERE pid = %s", (pid,)
+                ).fetchone():
+                    assert time.monotonic() < deadline, "the idle session was not ended"
+                    time.sleep(0.05)
+
+        event.listen(paused.engine, "after_cursor_execute", sigstop_once)
+        caplog.set_level(logging.WARNING, logger="scheduler.reports")
+
+        reply = reporter.report(Finished(tid, f, Phase.APPLY, APPLY_OK))
+
+        assert stopped and reply.accepted
+        assert len(retries(caplog.records)) == 1
+        assert tasks.get(rt, tid).status is S.APPLIED
+    finally:
+        paused.close()
