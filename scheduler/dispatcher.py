@@ -173,18 +173,27 @@ MAX_PASSES = 10
 
 
 def dispatch(rt: Runtime, workspace: str) -> Decision:
-    """Take the next step for ``workspace`` under its Redis lock."""
+    """Take the next step for ``workspace`` under its Redis lock.
+
+    Returns what this call did: its latest claim if any pass claimed (a pass
+    re-run for a dirty mark usually finds the workspace busy with that very
+    claim), else its last decision.
+    """
     decision = Decision(workspace, "lock_busy", "another dispatcher holds the lock")
+    result = decision
     for _ in range(MAX_PASSES):
         with workspace_lock(rt.redis, workspace, ttl=rt.settings.lock_ttl) as held:
             if not held:
                 # The holder re-runs when it sees the mark: nothing is lost.
-                return _log(decision, lock="busy; marked dirty")
+                _log(decision, lock="busy; marked dirty")
+                return result
             decision = _dispatch_held(rt, workspace)
+        if decision.claimed or not result.claimed:
+            result = decision
         if not held.was_dirty:
-            return decision
+            return result
         _log(decision, lock="held; dirty, once more")
-    return decision
+    return result
 
 
 def _dispatch_held(rt: Runtime, workspace: str) -> Decision:
