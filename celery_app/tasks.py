@@ -100,9 +100,10 @@ def dispatch(workspace: Any) -> None:
 #: and the fence: what to run is read from the database.
 @app.task(name=TASK_EXECUTE, acks_late=False)
 def execute(task_id: Any, fence: Any = None) -> None:
-    what = f"execute(task {task_id!r}, fence {fence!r})"
-    if not _args(what, lambda: (check_id(task_id, "task id"), check_id(fence, "fence"))):
+    # Named only once checked: a raw argument may be megabytes long.
+    if not _args("execute", lambda: (check_id(task_id, "task id"), check_id(fence, "fence"))):
         return
+    what = f"execute(task {task_id}, fence {fence})"
 
     def run(rt: Runtime) -> None:
         try:
