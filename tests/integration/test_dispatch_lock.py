@@ -126,7 +126,7 @@ def test_racing_wakeups_are_never_lost(rt: Runtime, src: Path) -> None:
         except BaseException as exc:
             errors.append(exc)
 
-    for i in range(15):
+    for i in range(10):
         ws = f"race{i}"
         make_workspace(rt, ws, src)
         first, f = claimed(rt, ws, PA)
