@@ -31,6 +31,10 @@ TASK_KEYS = {
     "finished_at",
     "changes",
     "error",
+    # issue 5: who runs the current phase, plan attempts, a pending cancel
+    "executor",
+    "plan_attempts",
+    "cancel",
 }
 
 
@@ -97,7 +101,7 @@ def broker_messages(redis_url: str, queue: str) -> list[tuple[str, list[Any]]]:
 
 @pytest.mark.parametrize("cli", ["sqlite", "postgres"], indirect=True)
 def test_cli_end_to_end(cli: Cli, redis_url: str) -> None:
-    assert cli.ok("db", "upgrade")["revision"] == "0001"
+    assert cli.ok("db", "upgrade")["revision"] == "0002"
 
     ws = cli.ok("workspace", "create", "net", "--dir", str(cli.source))
     assert (ws["name"], ws["execution_mode"], ws["locked"]) == ("net", "local", False)
@@ -113,6 +117,8 @@ def test_cli_end_to_end(cli: Cli, redis_url: str) -> None:
         {"add": None, "change": None, "destroy": None},
     )
     assert plan["started_at"] is None and plan["finished_at"] is None and plan["error"] is None
+    # Not running, never claimed, no cancel asked for.
+    assert (plan["executor"], plan["plan_attempts"], plan["cancel"]) == (None, 0, None)
     pa = cli.ok("submit", "net", "--type", "plan_and_apply")
     assert (pa["type"], pa["status"], pa["queue_position"]) == ("plan_and_apply", "pending", 2)
 
