@@ -3,9 +3,14 @@
 Tasks go through the real scheduler functions: ``submit``, then
 ``dispatcher.claim_plan`` / ``dispatcher.dispatch`` on the messages a
 :class:`RecordingPublisher` caught, and the phase runs from the
-``runq.execute`` message's :class:`Handoff` in ``LocalRunner(...).run`` with a
-:class:`DirectReporter`. A :class:`Pump` replays the recorded messages in
-order: a Celery worker with the broker replaced by a list.
+``runq.execute(task_id, fence)`` message: the :class:`Handoff` is read from
+the database (:func:`scheduler.leases.load_handoff`) and run in
+``LocalRunner(...).run`` with a :class:`DirectReporter`, as a worker does. A
+:class:`Pump` replays the recorded messages in order: a Celery worker with the
+broker replaced by a list.
+
+The workspace's Terraform state lives in the database (``state_versions``),
+not in any file: assertions about state read :func:`scheduler.artifacts.latest`.
 
 Configurations need no download: outputs only, or ``hashicorp/null`` 2.1.2
 from the filesystem mirror of the ``terraform_env`` fixture.
@@ -13,6 +18,7 @@ from the filesystem mirror of the ``terraform_env`` fixture.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import stat
@@ -23,16 +29,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import select
 
 from executors.base import Handoff
-from executors.local import PLAN_FILE, LocalRunner
-from scheduler import dispatcher, tasks, workspaces
+from executors.local import PLAN_FILE, STATE_FILE, LocalRunner
+from scheduler import artifacts, dispatcher, leases, tasks, workspaces
+from scheduler.errors import ConcurrentChange
 from scheduler.messages import (
     TASK_CLAIM_PLAN,
     TASK_DISPATCH,
     TASK_EXECUTE,
     RecordingPublisher,
 )
+from scheduler.models import StateVersion
 from scheduler.reports import DirectReporter
 from scheduler.runtime import Runtime
 from scheduler.settings import Settings
@@ -81,7 +90,12 @@ class Pump:
             elif message.task == TASK_DISPATCH:
                 dispatcher.dispatch(self.rt, *message.args)
             elif message.task == TASK_EXECUTE:
-                handoff = Handoff.from_json(message.args[0])
+                task_id, fence = message.args  # only these travel
+                try:
+                    with self.rt.sessions() as s:
+                        handoff = leases.load_handoff(s, self.rt.settings, task_id, fence)
+                except ConcurrentChange as exc:
+                    raise AssertionError(f"execute{message.args} was not runnable: {exc}") from exc
                 self.handoffs.append(handoff)
                 LocalRunner(self.rt.settings).run(handoff, DirectReporter(self.rt))
             else:
@@ -121,11 +135,27 @@ class Harness:
     def log(self, task_id: int, phase: str) -> str:
         return (self.settings.logs_dir / str(task_id) / f"{phase}.log").read_text()
 
-    def state_path(self, workspace: str) -> Path:
-        return self.settings.state_dir / workspace / "terraform.tfstate"
+    def versions(self, workspace: str) -> list[StateVersion]:
+        """The workspace's stored states, oldest first."""
+        with self.rt.sessions() as s:
+            ws_id = workspaces.load(s, workspace).id
+            return list(
+                s.scalars(
+                    select(StateVersion)
+                    .where(StateVersion.workspace_id == ws_id)
+                    .order_by(StateVersion.id)
+                )
+            )
+
+    def state_bytes(self, workspace: str) -> bytes:
+        """The workspace's Terraform state: its newest stored version."""
+        with self.rt.sessions() as s:
+            latest = artifacts.latest(s, workspaces.load(s, workspace).id)
+        assert latest is not None, f"no state stored for {workspace}"
+        return latest.content
 
     def state(self, workspace: str) -> dict[str, Any]:
-        return dict(json.loads(self.state_path(workspace).read_text()))
+        return dict(json.loads(self.state_bytes(workspace)))
 
     def instances(self, workspace: str) -> list[dict[str, Any]]:
         return [
@@ -161,7 +191,6 @@ def make_harness(db: str, redis: str, tmp_path: Path, terraform_bin: str) -> Ite
         redis_url=redis,
         data_dir=tmp_path / "data",
         terraform_bin=terraform_bin,
-        lock_wait=5,
     )
     publisher = RecordingPublisher()
     rt = Runtime(settings=settings, publisher=publisher, actor="test")
@@ -216,7 +245,7 @@ def test_plan_and_apply_with_null_provider(h_db: Harness, terraform_bin: str) ->
     # A plan+apply's plan is not speculative: it keeps terraform's lock.
     assert "-lock=false" not in plan_line
     assert "Plan: 2 to add, 0 to change, 0 to destroy." in plan_log
-    assert not h.state_path("net").exists()  # planning wrote no state
+    assert h.versions("net") == []  # planning stored no state
 
     applied = h.confirm(planned.id)
     assert applied.status is TaskStatus.APPLIED, applied.error
@@ -226,10 +255,24 @@ def test_plan_and_apply_with_null_provider(h_db: Harness, terraform_bin: str) ->
     ]
     assert "Apply complete! Resources: 2 added, 0 changed, 0 destroyed." in apply_log
     assert len(h.instances("net")) == 2
-    history = h.settings.state_dir / "net" / "history" / f"{planned.id}.tfstate"
-    assert history.read_bytes() == h.state_path("net").read_bytes()
     assert [x.phase for x in h.pump.handoffs] == [Phase.PLAN, Phase.APPLY]
     assert not any(x.speculative for x in h.pump.handoffs)
+    # Every state the apply wrote is stored under its task and apply fence,
+    # serials growing in one lineage; the newest is what terraform left.
+    apply_fence = h.pump.handoffs[-1].fence
+    versions = h.versions("net")
+    assert versions
+    assert {(v.task_id, v.fence) for v in versions} == {(planned.id, apply_fence)}
+    serials = [v.serial for v in versions]
+    assert serials == sorted(set(serials))
+    assert len({v.lineage for v in versions}) == 1
+    for v in versions:
+        assert (v.sha256, v.size) == (hashlib.sha256(v.content).hexdigest(), len(v.content))
+        assert json.loads(v.content)["serial"] == v.serial
+    final = h.settings.work_dir / str(planned.id) / STATE_FILE
+    assert versions[-1].content == final.read_bytes()
+    # No state file outside the phase's working copy.
+    assert not h.settings.state_dir.exists()
 
 
 def test_logs_per_phase_via_runq_logs(h: Harness, tmp_path: Path) -> None:
@@ -349,13 +392,13 @@ def test_speculative_plan_takes_no_lock_and_writes_no_state(h: Harness) -> None:
     fresh = h.run("spec", "plan")
     assert fresh.status is TaskStatus.SUCCESS, fresh.error
     assert (fresh.has_changes, fresh.add) == (True, 1)
-    assert not (h.settings.state_dir / "spec").exists()
+    assert h.versions("spec") == []
 
     applied = h.plan_and_apply("spec")
     assert applied.status is TaskStatus.APPLIED, applied.error
-    state = h.state_path("spec")
-    before = (state.read_bytes(), state.stat().st_mtime_ns, state.stat().st_ino)
-    history_before = sorted(p.name for p in (state.parent / "history").iterdir())
+    before = [(v.id, v.serial, v.sha256) for v in h.versions("spec")]
+    assert before
+    stored = h.state_bytes("spec")
 
     (src / "main.tf").write_text(null_config(3))
     plan = h.run("spec", "plan")
@@ -367,8 +410,9 @@ def test_speculative_plan_takes_no_lock_and_writes_no_state(h: Harness) -> None:
     plan_log = h.log(plan.id, "plan")
     assert "-lock=false" in subcommand_line(plan_log, "plan").split()
     assert not any(c.split()[1] == "apply" for c in commands(plan_log))
-    assert (state.read_bytes(), state.stat().st_mtime_ns, state.stat().st_ino) == before
-    assert sorted(p.name for p in (state.parent / "history").iterdir()) == history_before
+    # The plan stored no state, and did not even change its private copy.
+    assert [(v.id, v.serial, v.sha256) for v in h.versions("spec")] == before
+    assert (h.settings.work_dir / str(plan.id) / STATE_FILE).read_bytes() == stored
 
 
 def test_runq_env_reaches_terraform_and_provisioners(h: Harness, tmp_path: Path) -> None:
