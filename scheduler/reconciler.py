@@ -107,17 +107,14 @@ def _expire_leases(rt: Runtime, now: datetime, out: Sweep, handoffs: list[Handof
     with rt.sessions() as s:
         lapsed = _running(s, Task.lease_expires_at < now)
     for task, ws in lapsed:
+        # Before lose(): a re-claim refreshes ``task``, whose executor and
+        # last heartbeat are then the new claim's (none yet).
+        why = leases.last_heard(task)
         try:
             with rt.transaction() as s:
                 s.add(task)
                 lost = leases.lose(
-                    s,
-                    rt.settings,
-                    task,
-                    ws,
-                    actor=rt.actor,
-                    why=leases.last_heard(task),
-                    guard_expired_at=now,
+                    s, rt.settings, task, ws, actor=rt.actor, why=why, guard_expired_at=now
                 )
         except (ConcurrentChange, IllegalTransition):
             continue  # a heartbeat, a report or another reconciler got there first
@@ -129,7 +126,7 @@ def _expire_leases(rt: Runtime, now: datetime, out: Sweep, handoffs: list[Handof
         log.warning(
             "task %s: %s; now %s",
             task.id,
-            leases.last_heard(task),
+            why,
             lost.status,
             extra={"action": "lease_expired", "task_id": task.id, "status": str(lost.status)},
         )
