@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from executors.base import Finished, Handoff, Heartbeat, Reply, Report
+from scheduler.settings import Settings
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -339,3 +340,11 @@ def worker() -> None:
 
 def reports_of(kind: str, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r for r in records if r["kind"] == kind]
+
+
+def latest_working_copy(settings: Settings, task_id: int) -> Path:
+    """The working copy of ``task_id``'s newest plan attempt (the one its
+    apply, if any, ran in)."""
+    copies = list((settings.work_dir / str(task_id)).glob("plan-*"))
+    assert copies, f"task {task_id} has no working copy"
+    return max(copies, key=lambda p: int(p.name.removeprefix("plan-")))

@@ -46,6 +46,7 @@ from tests.runner_harness import (
     NAMES,
     alive,
     created,
+    latest_working_copy,
     pids_with_env,
     start_worker,
     wait_for,
@@ -145,7 +146,7 @@ class Rig:
 
     def work_state(self, task_id: int) -> dict[str, Any]:
         """The state file terraform left in the apply's working copy."""
-        path = self.settings.work_dir / str(task_id) / STATE_FILE
+        path = latest_working_copy(self.settings, task_id) / STATE_FILE
         return dict(json.loads(path.read_text()))
 
 

@@ -34,7 +34,7 @@ from executors.base import (
     StateWritten,
     StopReason,
 )
-from executors.local import PLAN_FILE, STATE_FILE, LocalRunner
+from executors.local import PLAN_FILE, STATE_FILE, LocalRunner, working_copy
 from scheduler.settings import Settings
 from scheduler.states import ExecutionMode, Phase
 from tests.runner_harness import (
@@ -82,7 +82,7 @@ class Rig:
             timeout=timeout,
         )
         if phase is Phase.APPLY:
-            work = self.settings.work_dir / str(h.task_id)
+            work = working_copy(self.settings, h.task_id, h.fence - 1)
             work.mkdir(parents=True, exist_ok=True)
             (work / PLAN_FILE).write_text("a saved plan")
         return h
@@ -436,7 +436,7 @@ def test_started_rejected_runs_nothing(tmp_path: Path) -> None:
     assert not (r.marks / "pid").exists()
 
 
-# ------------------------------------------------ known: shared working copy
+# ------------------------------------------------ one working copy per plan attempt
 
 SHARED = f"""\
 case "$1" in
@@ -453,12 +453,6 @@ sleep 0.5
 """
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="every attempt of a task shares work/<task id>: a stale plan executor resumed "
-    "after a pause re-copies it (rmtree + copytree) under the live apply, whose later "
-    "state writes are lost",
-)
 def test_a_resumed_stale_plan_leaves_the_live_apply_alone(tmp_path: Path) -> None:
     r = rig(tmp_path, SHARED)
     plan = r.handoff()

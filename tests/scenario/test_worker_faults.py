@@ -46,7 +46,15 @@ from scheduler.settings import Settings
 from scheduler.states import TERMINAL, DispatchMode, TaskStatus
 from scheduler.views import EventView, TaskView
 from tests.conftest import PG_ADMIN_URL, RedisServer
-from tests.runner_harness import CHAIN, NAMES, alive, chain, created, pids_with_env
+from tests.runner_harness import (
+    CHAIN,
+    NAMES,
+    alive,
+    chain,
+    created,
+    latest_working_copy,
+    pids_with_env,
+)
 from tests.scenario.cluster import DEADLINE, Cluster, redis_db
 from tests.workers import Beat, WorkerPool, clean_env, descendants, write_slow_terraform
 
@@ -129,7 +137,7 @@ class FaultCluster(Cluster):
         return view
 
     def work_state(self, task_id: int) -> dict[str, Any]:
-        path = self.settings.work_dir / str(task_id) / STATE_FILE
+        path = latest_working_copy(self.settings, task_id) / STATE_FILE
         return dict(json.loads(path.read_text()))
 
     def phase_pids(self, task_id: int, fence: int) -> list[int]:
