@@ -36,6 +36,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 import shutil
 import socket
 from collections.abc import Sequence
@@ -120,7 +121,8 @@ class LocalRunner:
         self.settings = settings
 
     def run(self, handoff: Handoff, reporter: Reporter) -> None:
-        handle = f"local:{socket.gethostname()}:{os.getpid()}"
+        # Unique per run: a retried Started (its reply lost) is recognised.
+        handle = f"local:{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         if not reporter.report(
             Started(handoff.task_id, handoff.fence, handoff.phase, handle)
         ).accepted:
