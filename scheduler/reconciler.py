@@ -155,7 +155,11 @@ def _expire_leases(rt: Runtime, now: datetime, out: Sweep, handoffs: list[Handof
 def _resend_unstarted(rt: Runtime, now: datetime, out: Sweep, handoffs: list[Handoff]) -> None:
     cutoff = now - timedelta(seconds=rt.settings.resend_after)
     with rt.sessions() as s:
-        unstarted = _running(s, Task.executor_handle.is_(None), Task.handoff_at < cutoff)
+        unstarted = _running(
+            s,
+            Task.executor_handle.is_(None),
+            or_(Task.handoff_at < cutoff, Task.handoff_at.is_(None)),
+        )
     for task, ws in unstarted:
         if not leases.resend_due(task, rt.settings, now):
             continue

@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from scheduler import dispatcher, messages, reconciler, tasks
+from executors.base import Started
+from scheduler import dispatcher, messages, reconciler, reports, tasks
 from scheduler.messages import Message, RecordingPublisher
 from scheduler.runtime import Runtime
 from scheduler.states import Phase, TaskStatus, TaskType
@@ -93,7 +94,8 @@ def test_unstarted_handoff_is_resent_under_the_same_fence_with_backoff(
 
     # One of the copies starts it; every other copy finds it started.
     assert begin(rt, tid, f).accepted
-    assert is_stale(begin(rt, tid, f))
+    other_copy = reports.accept(rt, Started(tid, f, Phase.PLAN, "exec:another-run"))
+    assert is_stale(other_copy)
     sent_at(rt, tid, 3600)
     out = reconciler.sweep(rt)
     assert (out.resent, out.handoff_failed) == ([], [])

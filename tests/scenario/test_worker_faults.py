@@ -170,9 +170,9 @@ class FaultCluster(Cluster):
 
 
 def executor_pid(view: TaskView) -> int:
-    """The pool process in ``local:host:pid``."""
+    """The pool process in ``local:host:pid:run``."""
     assert view.executor_handle is not None
-    return int(view.executor_handle.rsplit(":", 1)[1])
+    return int(view.executor_handle.split(":")[2])
 
 
 def seconds(later: datetime, earlier: datetime) -> float:

@@ -42,6 +42,17 @@ def upgrade() -> None:
             sa.Column("cancel_force", sa.Boolean(), nullable=False, server_default=sa.false())
         )
         batch.create_index("ix_tasks_lease_expires_at", ["lease_expires_at"])
+    # Phases running across the upgrade were started under a protocol with no
+    # heartbeats: count their leases as lapsed now (a plan is re-claimed, an
+    # apply fails "executor lost"), and unstarted ones as just handed off
+    # (re-sent under the new message format after RUNQ_RESEND_AFTER).
+    # Without this no sweep would ever select them.
+    op.execute(
+        "UPDATE tasks SET handoff_at = CURRENT_TIMESTAMP, handoff_attempts = 1, "
+        "heartbeat_at = CASE WHEN executor_handle IS NULL THEN NULL ELSE CURRENT_TIMESTAMP END, "
+        "lease_expires_at = CASE WHEN executor_handle IS NULL THEN NULL ELSE CURRENT_TIMESTAMP END "
+        "WHERE status IN ('planning', 'applying')"
+    )
     op.create_table(
         "state_versions",
         sa.Column("id", BigId, primary_key=True),
