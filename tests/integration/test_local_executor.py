@@ -47,7 +47,7 @@ from scheduler.runtime import Runtime
 from scheduler.settings import Settings
 from scheduler.states import Phase, TaskStatus
 from scheduler.views import TaskView
-from tests.conftest import RedisServer
+from tests.workers import RedisServer
 
 pytestmark = [pytest.mark.terraform, pytest.mark.redis]
 
