@@ -70,8 +70,6 @@ class Timings:
     reconcile_interval: float = 2.0
     resend_after: float = 4.0
     lock_ttl: float = 5.0
-    #: A dispatcher gives up on a busy lock quickly; the reconciler re-sends.
-    lock_wait: float = 2.0
     kill_grace: float = 5.0
     shutdown_grace: float = 3.0
     db_lock_timeout: float = 2.0

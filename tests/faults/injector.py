@@ -354,6 +354,7 @@ class Injector:
                 dropped.append(f"(window ended: {type(exc).__name__})")
             finally:
                 client.close()
+            log.info("fault %d msg_drop: window closed, dropped %s", f.index, dropped)
 
         thread = threading.Thread(target=consume, name=f"drop-{f.index}", daemon=True)
         thread.start()

@@ -10,8 +10,15 @@
 5. Read ``tasks``, ``task_events``, ``state_versions`` and the invocation
    log; check I1..I5 (:mod:`tests.faults.checker`); measure recovery.
 
-Prints one summary line, writes the details to ``<out>/faults.json``, and
-exits 1 if any invariant was violated or a terraform outlived its runner.
+Prints one summary line, writes the details to ``<run dir>/faults.json``,
+and exits 1 if any invariant was violated or a terraform outlived its runner.
+
+Recovery of one fault: from its injection until every task that held a phase
+(``planning`` or ``applying``) at that moment made its next transition (a
+re-claim, a result, a failure). ``longest_recovery`` is the largest over all
+faults; tasks untouched by the fault move on by themselves within a phase's
+length, so the figure is the fault's cost (e.g. a lost executor: one lease
+TTL plus a reconciler interval, plus the re-run).
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import logging
 import math
 import os
 import random
+import statistics
 import sys
 import time
 from collections import Counter
@@ -127,7 +135,7 @@ class Outcome:
             "config": {**asdict(self.config), "out": str(self.config.out)},
             "started_at": _iso(self.started_at),
             "healed_at": _iso(self.healed_at),
-            "settled_after_heal": self._settle_time(),
+            "settled_after_heal": _finite(self._settle_time()),
             "duration": self.finished_at - self.started_at,
             "tasks": len(self.records.tasks),
             "statuses": dict(sorted(statuses.items())),
@@ -137,8 +145,34 @@ class Outcome:
             "violations": self.verdict.counts,
             "violation_details": [asdict(v) for v in self.verdict.violations[:500]],
             "orphans": self.orphans,
-            "longest_recovery": self.longest_recovery()[0],
+            "longest_recovery": _finite(self.longest_recovery()[0]),
+            "recovery_by_kind": self._recovery_by_kind(),
+            "log_errors": self._log_errors(),
             "faults": [self._fault_json(f) for f in self.faults],
+        }
+
+    def _recovery_by_kind(self) -> dict[str, dict[str, float | int | None]]:
+        """Per kind: how many, and the longest and median recovery."""
+        seconds: dict[str, list[float]] = {}
+        for f in self.faults:
+            r = self.recoveries.get(f.index)
+            if r is not None:
+                seconds.setdefault(str(f.kind), []).append(r.seconds)
+        return {
+            kind: {"n": len(s), "max": _finite(max(s)), "median": _finite(statistics.median(s))}
+            for kind, s in sorted(seconds.items())
+        }
+
+    def _log_errors(self) -> dict[str, int]:
+        """ERROR and CRITICAL lines per celery process log: expected after
+        faults (a lost connection is logged), worth a look when they are not."""
+        return {
+            path.stem: sum(
+                1
+                for line in path.read_text(errors="replace").splitlines()
+                if "ERROR/" in line or "CRITICAL/" in line
+            )
+            for path in sorted((self.root / "logs").glob("*.log"))
         }
 
     def _fault_json(self, f: Fault) -> dict[str, Any]:
@@ -156,11 +190,16 @@ class Outcome:
             "recovery": None
             if r is None
             else {
-                "seconds": r.seconds if math.isfinite(r.seconds) else None,
+                "seconds": _finite(r.seconds),
                 "affected": list(r.affected),
                 "slowest": r.slowest,
             },
         }
+
+
+def _finite(s: float) -> float | None:
+    """JSON has no infinity: None stands for "never"."""
+    return s if math.isfinite(s) else None
 
 
 def _secs(s: float) -> str:
