@@ -24,11 +24,13 @@ TTL plus a reconciler interval, plus the re-run).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import math
 import os
 import random
+import re
 import statistics
 import sys
 import time
@@ -140,6 +142,7 @@ class Outcome:
             "tasks": len(self.records.tasks),
             "statuses": dict(sorted(statuses.items())),
             "decisions": self.decisions,
+            "failed_because": self._failed_because(),
             "terraform_commands": dict(sorted(commands.items())),
             "state_versions": len(self.records.states),
             "violations": self.verdict.counts,
@@ -148,8 +151,21 @@ class Outcome:
             "longest_recovery": _finite(self.longest_recovery()[0]),
             "recovery_by_kind": self._recovery_by_kind(),
             "log_errors": self._log_errors(),
+            "reconciler": self._sweeps(),
             "faults": [self._fault_json(f) for f in self.faults],
         }
+
+    def _failed_because(self) -> dict[str, int]:
+        """Why tasks failed (their last event's reason, numbers and times
+        blanked), most common first: lost applies and the broken workspace
+        are expected; anything else is worth a look."""
+        last = {e.task_id: e for e in self.records.events}
+        reasons = Counter(
+            re.sub(r"[0-9][0-9:.T+-]*", "#", last[t.id].reason)[:120]
+            for t in self.records.tasks
+            if t.status == "failed" and t.id in last
+        )
+        return dict(reasons.most_common())
 
     def _recovery_by_kind(self) -> dict[str, dict[str, float | int | None]]:
         """Per kind: how many, and the longest and median recovery."""
@@ -174,6 +190,26 @@ class Outcome:
             )
             for path in sorted((self.root / "logs").glob("*.log"))
         }
+
+    def _sweeps(self) -> dict[str, float | int]:
+        """How regularly the reconciler ran, from the workers' logs: it runs
+        in a pool process like any hint, so when every process is busy with
+        terraform its message waits, and expires after one interval."""
+        stamp = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})")
+        done: list[float] = []
+        expired = 0
+        for path in (self.root / "logs").glob("w*.log"):
+            for line in path.read_text(errors="replace").splitlines():
+                if "runq.reconcile[" not in line:
+                    continue
+                if "Discarding revoked task" in line:
+                    expired += 1
+                elif " succeeded in " in line and (m := stamp.match(line)):
+                    at = datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f")
+                    done.append(at.timestamp())
+        done.sort()
+        gaps = [b - a for a, b in itertools.pairwise(done)]
+        return {"sweeps": len(done), "longest_gap": max(gaps, default=0.0), "expired": expired}
 
     def _fault_json(self, f: Fault) -> dict[str, Any]:
         r = self.recoveries.get(f.index)
