@@ -1,13 +1,14 @@
 """Real processes for the scenario and fault tests: celery workers, beat, a
 private ``redis-server``, and a terraform wrapper.
 
-:class:`WorkerPool` starts N workers (prefork, each with its own node name)
-and optionally one ``celery beat``, waits until each has logged that it is
-ready, and stops them on exit: SIGTERM (warm shutdown), then SIGKILL of each
-process group. Each process runs in a session of its own, so a test can kill
-or pause one worker (and everything under it) without touching the others,
-and :meth:`WorkerPool.restart` brings a killed one back. Output goes to one
-log file per process, so a failing test can show it.
+:class:`WorkerPool` starts N workers (prefork, each with its own node name),
+waits until every one has logged ``ready.``, and stops them on exit: SIGTERM
+(warm shutdown), then SIGKILL of each worker's whole process group. Each
+worker runs in a session of its own, so a test can kill or pause one (and
+everything under it) without touching the others; :meth:`WorkerPool.restart`
+brings back a worker a test killed, and :class:`Beat` runs ``celery beat``
+(the reconciler's clock) the same way. Output goes to one log file per
+process, so a failing test can show it.
 
 :class:`RedisServer` is a private ``redis-server`` without persistence: a
 :meth:`~RedisServer.restart` comes back on the same port with no data.
@@ -125,7 +126,23 @@ def terraform_offline_env(root: Path) -> dict[str, str]:
     return {"CHECKPOINT_DISABLE": "1", "TF_CLI_CONFIG_FILE": str(rc), "TF_IN_AUTOMATION": "1"}
 
 
-# ---------------------------------------------------------------- /proc
+# ---------------------------------------------------------------- processes
+
+
+def clean_env(extra: dict[str, str]) -> dict[str, str]:
+    """This process's environment without RUNQ_* and TF_CLI_CONFIG_FILE, plus
+    ``extra``, with the venv's bin first on PATH and this checkout first on
+    PYTHONPATH (a second git worktree shares the venv, whose editable install
+    points at the first)."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("RUNQ_") and k != "TF_CLI_CONFIG_FILE"
+    }
+    env.update(extra)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["PYTHONPATH"] = str(REPO_ROOT)
+    return env
 
 
 def parent_pid(pid: int) -> int | None:
@@ -141,7 +158,7 @@ def parent_pid(pid: int) -> int | None:
 
 
 def children(pid: int) -> list[int]:
-    """The direct children of ``pid`` (every thread's list), [] if it is gone."""
+    """The live children of ``pid``, forked by any of its threads."""
     found: list[int] = []
     with contextlib.suppress(OSError):
         for task in Path(f"/proc/{pid}/task").iterdir():
@@ -150,18 +167,17 @@ def children(pid: int) -> list[int]:
     return found
 
 
-def process_tree(pid: int) -> list[int]:
-    """``pid`` and all its descendants, parents before children.
+def descendants(pid: int) -> list[int]:
+    """Every live descendant of ``pid`` (children first, depth first).
 
     A process may fork while this walks; callers that must catch everything
     (a SIGSTOP of a whole tree) walk again until nothing new turns up.
     """
-    tree, todo = [pid], [pid]
-    while todo:
-        kids = children(todo.pop())
-        tree.extend(kids)
-        todo.extend(kids)
-    return tree
+    found: list[int] = []
+    for child in children(pid):
+        found.append(child)
+        found.extend(descendants(child))
+    return found
 
 
 # ---------------------------------------------------------------- redis
@@ -244,35 +260,17 @@ class RedisServer:
 
 @dataclass
 class Worker:
-    """One celery process (a worker, or beat) and its log.
-
-    The log is appended to across restarts; ``offset`` is where the current
-    incarnation's output begins, so readiness is judged on that part only.
-    """
-
     name: str
     log: Path
-    argv: list[str] = field(default_factory=list)
-    #: What the log says once the process can do its job.
-    ready_marker: str = " ready."
     proc: subprocess.Popen[bytes] | None = None
-    offset: int = 0
 
     @property
     def pid(self) -> int:
         assert self.proc is not None
         return self.proc.pid
 
-    @property
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
     def ready(self) -> bool:
-        if not self.log.is_file():
-            return False
-        with self.log.open("rb") as f:
-            f.seek(self.offset)
-            return self.ready_marker in f.read().decode(errors="replace")
+        return self.log.is_file() and " ready." in self.log.read_text(errors="replace")
 
     def tail(self, lines: int = 150) -> str:
         if not self.log.is_file():
@@ -282,17 +280,14 @@ class Worker:
 
 @dataclass
 class WorkerPool:
-    """``count`` real Celery workers (and ``beat``, if asked) with ``env``
-    (on top of a clean copy of this process's environment, RUNQ_* and
-    TF_CLI_CONFIG_FILE removed)."""
+    """``count`` real Celery workers with ``env`` (on top of a clean copy of
+    this process's environment: :func:`clean_env`)."""
 
     count: int
     env: dict[str, str]
     logdir: Path
     concurrency: int = 3
-    beat: bool = False
     workers: list[Worker] = field(default_factory=list)
-    beat_process: Worker | None = None
 
     def argv(self, name: str) -> list[str]:
         return [
@@ -314,56 +309,27 @@ class WorkerPool:
             "INFO",
         ]
 
-    def _environment(self) -> dict[str, str]:
-        env = {
-            k: v
-            for k, v in os.environ.items()
-            if not k.startswith("RUNQ_") and k != "TF_CLI_CONFIG_FILE"
-        }
-        env.update(self.env)
-        env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-        # The code of this checkout, not whatever the venv's editable install
-        # points at (a second git worktree shares the venv).
-        env["PYTHONPATH"] = str(REPO_ROOT)
-        return env
-
     def start(self, timeout: float = 90.0) -> None:
         self.logdir.mkdir(parents=True, exist_ok=True)
         for i in range(1, self.count + 1):
-            name = f"w{i}"
-            self.workers.append(Worker(name, self.logdir / f"{name}.log", self.argv(name)))
-        if self.beat:
-            self.beat_process = Worker(
-                "beat",
-                self.logdir / "beat.log",
-                [sys.executable, "-m", "celery", "-A", "celery_app", "beat", "-l", "INFO"],
-                # Not "beat: Starting": beat logs that before it opens its
-                # schedule file, and may still die doing so.
-                ready_marker="Sending due task",
-            )
-        for worker in self.processes:
+            worker = Worker(f"w{i}", self.logdir / f"w{i}.log")
             self._spawn(worker)
-        self._wait_ready(self.processes, timeout)
-
-    @property
-    def processes(self) -> list[Worker]:
-        """The workers, then beat."""
-        return self.workers + ([self.beat_process] if self.beat_process else [])
+            self.workers.append(worker)
+        self._await_ready(self.workers, timeout)
 
     def _spawn(self, worker: Worker) -> None:
-        worker.offset = worker.log.stat().st_size if worker.log.is_file() else 0
-        with worker.log.open("ab") as out:
+        with worker.log.open("wb") as out:
             worker.proc = subprocess.Popen(
-                worker.argv,
+                self.argv(worker.name),
                 cwd=REPO_ROOT,
-                env=self._environment(),
+                env=clean_env(self.env),
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # its own process group, for the kill
             )
 
-    def _wait_ready(self, workers: list[Worker], timeout: float) -> None:
+    def _await_ready(self, workers: list[Worker], timeout: float) -> None:
         deadline = time.monotonic() + timeout
         for worker in workers:
             while not worker.ready():
@@ -375,28 +341,30 @@ class WorkerPool:
                         else f"not ready after {timeout}s"
                     )
                     self.stop()
-                    raise RuntimeError(f"celery {worker.name} {why}:\n{worker.tail()}")
+                    raise RuntimeError(f"celery worker {worker.name} {why}:\n{worker.tail()}")
                 time.sleep(0.1)
 
-    def get(self, name: str) -> Worker:
-        [worker] = [w for w in self.processes if w.name == name]
+    def named(self, name: str) -> Worker:
+        [worker] = [w for w in self.workers if w.name == name]
         return worker
 
-    def restart(self, name: str, *, wait: bool = True, timeout: float = 90.0) -> None:
-        """Start ``name`` again (after it was killed); with ``wait``, until
-        it is ready (else poll :meth:`Worker.ready`).
-
-        Whatever is left of its old process group is killed first, so the
-        new incarnation never shares the machine with a half-dead old one.
-        """
-        worker = self.get(name)
-        if worker.proc is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(worker.proc.pid, signal.SIGKILL)
-            worker.proc.wait(10)
-        self._spawn(worker)
+    def restart(self, name: str, *, wait: bool = True, timeout: float = 90.0) -> Worker:
+        """Start a fresh process under the name of worker ``name``, which a
+        test killed or stopped; whatever is left of its process group is
+        killed first. The new process logs to a new file. With ``wait``,
+        return once it is ready (else poll :meth:`Worker.ready`)."""
+        old = self.named(name)
+        assert old.proc is not None
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(old.proc.pid, signal.SIGKILL)
+        old.proc.wait(10)
+        runs = sum(1 for _ in self.logdir.glob(f"{name}.*log"))
+        new = Worker(name, self.logdir / f"{name}.{runs + 1}.log")
+        self._spawn(new)
+        self.workers[self.workers.index(old)] = new
         if wait:
-            self._wait_ready([worker], timeout)
+            self._await_ready([new], timeout)
+        return new
 
     @property
     def pids(self) -> dict[int, str]:
@@ -412,23 +380,76 @@ class WorkerPool:
         return pids.get(parent) if parent is not None else None
 
     def logs(self) -> dict[str, str]:
-        return {w.name: w.tail() for w in self.processes}
+        return {w.name: w.tail() for w in self.workers}
 
     def stop(self, timeout: float = 20.0) -> None:
-        for worker in self.processes:
-            if worker.alive:
-                assert worker.proc is not None
-                # A paused worker would ignore the SIGTERM until continued.
+        for worker in self.workers:
+            if worker.proc is not None and worker.proc.poll() is None:
+                # A paused worker would not act on the SIGTERM until continued.
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(worker.proc.pid, signal.SIGCONT)
                 worker.proc.send_signal(signal.SIGTERM)  # warm shutdown
         deadline = time.monotonic() + timeout
-        for worker in self.processes:
+        for worker in self.workers:
             if worker.proc is None:
                 continue
             with contextlib.suppress(subprocess.TimeoutExpired):
                 worker.proc.wait(max(0.1, deadline - time.monotonic()))
-            # Pool children (and any terraform they ran) share the group.
+            # Pool children share the group (terraform, in a session of its
+            # own, dies with its parent: runq's executor sees to that).
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(worker.proc.pid, signal.SIGKILL)
             worker.proc.wait(10)
+
+
+@dataclass
+class Beat:
+    """A real ``celery -A celery_app beat``: sends ``runq.reconcile`` every
+    ``RUNQ_RECONCILE_INTERVAL`` seconds."""
+
+    env: dict[str, str]
+    logdir: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def log(self) -> Path:
+        return self.logdir / "beat.log"
+
+    def start(self, timeout: float = 60.0) -> None:
+        self.logdir.mkdir(parents=True, exist_ok=True)
+        argv = [sys.executable, "-m", "celery", "-A", "celery_app", "beat", "--loglevel", "INFO"]
+        with self.log.open("wb") as out:
+            self.proc = subprocess.Popen(
+                argv,
+                cwd=REPO_ROOT,
+                env=clean_env(self.env),
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        # Not "beat: Starting": beat logs that before it opens its schedule
+        # file, and may still die doing so.
+        deadline = time.monotonic() + timeout
+        while "Sending due task" not in self.log.read_text(errors="replace"):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"celery beat did not start:\n{self.tail()}")
+            time.sleep(0.1)
+
+    def tail(self, lines: int = 50) -> str:
+        if not self.log.is_file():
+            return "(no log)"
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(10)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+        self.proc = None

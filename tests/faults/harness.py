@@ -42,12 +42,13 @@ from scheduler.runtime import Runtime
 from scheduler.settings import Settings
 from scheduler.views import TaskView
 from tests.workers import (
+    Beat,
     RedisServer,
     Worker,
     WorkerPool,
     children,
+    descendants,
     find_terraform,
-    process_tree,
     terraform_offline_env,
     write_slow_terraform,
 )
@@ -94,6 +95,7 @@ class FaultCluster:
 
     redis: RedisServer = field(init=False)
     pool: WorkerPool = field(init=False)
+    beat: Beat = field(init=False)
     rt: Runtime = field(init=False)
     app: Celery = field(init=False)
     database: str = field(init=False)
@@ -145,12 +147,14 @@ class FaultCluster:
         self.app = Celery("runq-faults", set_as_current=False)
         self.app.conf.update(celery_config(settings))
         self.rt = Runtime(settings=settings, publisher=CeleryPublisher(self.app), actor="faults")
-        self.pool = WorkerPool(
-            self.workers, env, self.root / "logs", concurrency=self.concurrency, beat=True
-        )
+        self.pool = WorkerPool(self.workers, env, self.root / "logs", concurrency=self.concurrency)
         self.pool.start()
+        self.beat = Beat(env, self.root / "logs")
+        self.beat.start()
 
     def stop(self) -> None:
+        with contextlib.suppress(AttributeError):
+            self.beat.stop()
         with contextlib.suppress(AttributeError):
             self.pool.stop()
         with contextlib.suppress(AttributeError):
@@ -219,7 +223,7 @@ class FaultCluster:
     # -- faults ------------------------------------------------------------
 
     def worker(self, name: str) -> Worker:
-        return self.pool.get(name)
+        return self.pool.named(name)
 
     def celery_processes(self, name: str) -> list[int]:
         """The worker's main process and its pool children."""
@@ -243,7 +247,8 @@ class FaultCluster:
         new process turns up; the pids signalled."""
         done: list[int] = []
         while True:
-            fresh = [p for p in process_tree(self.worker(name).pid) if p not in done]
+            main = self.worker(name).pid
+            fresh = [p for p in [main, *descendants(main)] if p not in done]
             if not fresh:
                 return done
             for pid in fresh:

@@ -52,7 +52,7 @@ from redis import Redis
 from scheduler import messages
 from scheduler.messages import QUEUE_RUNS, TASK_EXECUTE, Message
 from tests.faults.harness import FaultCluster
-from tests.workers import process_tree
+from tests.workers import children, descendants
 
 log = logging.getLogger(__name__)
 
@@ -215,7 +215,7 @@ class Injector:
         if name is None:
             return
         celery = self.cluster.celery_processes(name)
-        below = [p for p in process_tree(celery[0]) if p not in celery]
+        below = [p for p in descendants(celery[0]) if p not in celery]
         for pid in celery:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
@@ -237,12 +237,12 @@ class Injector:
         if name is None:
             return
         pool = self.cluster.celery_processes(name)[1:]
-        busy = [p for p in pool if process_tree(p)[1:]]
+        busy = [p for p in pool if children(p)]
         if not pool:
             f.skipped = "no pool children"
             return
         victim = rng.choice(busy if busy and rng.random() < 0.8 else pool)
-        below = process_tree(victim)[1:]
+        below = descendants(victim)
         with contextlib.suppress(ProcessLookupError):
             os.kill(victim, signal.SIGKILL)
         f.injected_at = time.time()
