@@ -23,7 +23,12 @@ from scheduler.db import make_engine, upgrade
 from scheduler.messages import RecordingPublisher
 from scheduler.runtime import Runtime
 from scheduler.settings import Settings
-from tests.workers import RedisServer, find_terraform, terraform_offline_env
+from tests.workers import (
+    RedisServer,
+    find_terraform,
+    free_port,  # noqa: F401 - tests import it from here
+    terraform_offline_env,
+)
 
 PG_ADMIN_URL = os.environ.get(
     "RUNQ_TEST_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
