@@ -45,6 +45,9 @@ def use_settings(value: Settings) -> None:
 
 @app.on_configure.connect
 def _configure(sender: Celery, **_: Any) -> None:
+    # beat keeps its schedule file in RUNQ_DATA_DIR and dies at start if the
+    # directory is missing (its own init signal comes too late to make it).
+    settings().data_dir.mkdir(parents=True, exist_ok=True)
     sender.config_from_object(celery_config(settings()))
 
 

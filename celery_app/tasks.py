@@ -16,7 +16,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import DBAPIError
 
 from celery_app.app import app, runtime
 from executors.local import LocalRunner
@@ -30,18 +30,22 @@ from scheduler.messages import (
     check_id,
     check_workspace,
 )
-from scheduler.reports import DirectReporter
+from scheduler.reports import DirectReporter, is_transient
 from scheduler.runtime import Runtime
 from scheduler.states import ExecutionMode
 
 log = logging.getLogger(__name__)
 
 
-def _transient() -> tuple[type[BaseException], ...]:
+def _transient(exc: BaseException) -> bool:
+    """A failure that may pass: the database, Redis or the broker was away."""
+    from kombu.exceptions import OperationalError as BrokerError
     from redis.exceptions import ConnectionError as RedisConnectionError
     from redis.exceptions import TimeoutError as RedisTimeoutError
 
-    return (OperationalError, InterfaceError, RedisConnectionError, RedisTimeoutError)
+    if isinstance(exc, DBAPIError):
+        return is_transient(exc)
+    return isinstance(exc, RedisConnectionError | RedisTimeoutError | BrokerError)
 
 
 def _guarded(what: str, fn: Callable[[Runtime], object]) -> None:
@@ -57,7 +61,10 @@ def _guarded(what: str, fn: Callable[[Runtime], object]) -> None:
         log.warning(
             "%s rejected: %s", what, exc, extra={"action": "message_rejected", "what": what}
         )
-    except _transient() as exc:
+    except Exception as exc:
+        if not _transient(exc):
+            log.exception("%s failed", what, extra={"action": "task_error", "what": what})
+            return
         log.error(  # noqa: TRY400 - one line; the traceback only at DEBUG
             "%s failed on %s (%s); the reconciler will re-send what is still owed",
             what,
@@ -66,8 +73,6 @@ def _guarded(what: str, fn: Callable[[Runtime], object]) -> None:
             exc_info=log.isEnabledFor(logging.DEBUG),
             extra={"action": "task_error", "what": what},
         )
-    except Exception:
-        log.exception("%s failed", what, extra={"action": "task_error", "what": what})
 
 
 def _args(what: str, check: Callable[[], object]) -> bool:

@@ -2,9 +2,10 @@
 
 Layout under ``RUNQ_DATA_DIR``::
 
-    work/<task_id>/                working copy of the workspace's source dir
-    work/<task_id>/runq.tfplan     the saved plan a plan+apply applies
-    work/<task_id>/runq.tfstate    this phase's private copy of the state
+    work/<task_id>/plan-<fence>/   working copy of one plan attempt (and of the
+                                   apply of the plan that was accepted)
+    .../runq.tfplan                the saved plan a plan+apply applies
+    .../runq.tfstate               this phase's private copy of the state
     logs/<task_id>/<phase>.log     stdout and stderr of every command
 
 The workspace's state is not on this disk: it is stored by the scheduler
@@ -21,6 +22,11 @@ Hazards and what guards them:
   every state it wrote is stored, so the next plan sees them.
 * An apply must apply exactly what was reviewed: it runs the saved plan file;
   terraform refuses it if the state moved since the plan.
+* A superseded attempt must not touch the live one's files. A plan executor
+  paused past its lease and resumed after the plan was re-claimed would
+  otherwise re-copy the working copy under the running apply. Each plan
+  attempt has its own working copy, named by its fence; the apply's claim is
+  the only claim after the accepted plan's, so it uses ``fence - 1``'s.
 * Process supervision (heartbeats, cancel, timeouts, parent death, SIGTERM)
   is :mod:`executors.runner`'s, shared by every mode.
 """
@@ -30,6 +36,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 import shutil
 import socket
 from collections.abc import Sequence
@@ -87,10 +94,18 @@ class Paths:
 
     @classmethod
     def of(cls, settings: Settings, handoff: Handoff) -> Paths:
+        # Between the accepted plan and its apply, the only claim is the
+        # apply's own (apply_queued -> applying): it holds plan fence + 1.
+        plan_fence = handoff.fence if handoff.phase is Phase.PLAN else handoff.fence - 1
         return cls(
-            work=settings.work_dir / str(handoff.task_id),
+            work=working_copy(settings, handoff.task_id, plan_fence),
             log=settings.logs_dir / str(handoff.task_id) / f"{handoff.phase}.log",
         )
+
+
+def working_copy(settings: Settings, task_id: int, plan_fence: int) -> Path:
+    """The working copy of ``task_id``'s plan attempt under ``plan_fence``."""
+    return settings.work_dir / str(task_id) / f"plan-{plan_fence}"
 
 
 class CommandFailed(Exception):
@@ -106,7 +121,8 @@ class LocalRunner:
         self.settings = settings
 
     def run(self, handoff: Handoff, reporter: Reporter) -> None:
-        handle = f"local:{socket.gethostname()}:{os.getpid()}"
+        # Unique per run: a retried Started (its reply lost) is recognised.
+        handle = f"local:{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         if not reporter.report(
             Started(handoff.task_id, handoff.fence, handoff.phase, handle)
         ).accepted:
@@ -193,7 +209,8 @@ class LocalRunner:
                 ok=False, error=f"source directory {handoff.source_dir!r} does not exist"
             )
         if paths.work.exists():
-            shutil.rmtree(paths.work)  # a re-claimed plan starts from a clean copy
+            shutil.rmtree(paths.work)  # left over; only the start-once winner gets here
+        paths.work.parent.mkdir(parents=True, exist_ok=True)
         shutil.copytree(handoff.source_dir, paths.work, ignore=IGNORED)
         (paths.work / OVERRIDE_FILE).write_text(
             f'terraform {{\n  backend "local" {{\n    path = "{STATE_FILE}"\n  }}\n}}\n'

@@ -28,7 +28,7 @@ import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import select, update
+from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
 from executors.base import Directive, Handoff, Heartbeat, Reply, Started, StopReason
@@ -100,14 +100,15 @@ def start(session: Session, settings: Settings, report: Started) -> Reply:
     now = utcnow()
     # At most one executor starts a claimed phase: the handle is empty until
     # the first start fills it, so a redelivered or duplicated hand-off finds
-    # it taken and must not run.
+    # it taken and must not run. Handles are unique per run, so the same
+    # runner retrying a Started whose reply it lost is answered yes again.
     started = session.execute(
         update(Task)
         .where(
             Task.id == report.task_id,
             Task.fence == report.fence,
             Task.status == running_status(report.phase),
-            Task.executor_handle.is_(None),
+            or_(Task.executor_handle.is_(None), Task.executor_handle == report.handle),
         )
         .values(
             executor_handle=report.handle,

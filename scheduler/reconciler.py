@@ -77,11 +77,10 @@ def sweep(rt: Runtime) -> Sweep:
     from scheduler.dispatcher import hand_off
 
     for handoff in handoffs:
-        hand_off(rt, handoff)
-    for task_id in out.plans:
-        rt.publisher.publish(messages.claim_plan(task_id))
-    for name in out.workspaces:
-        rt.publisher.publish(messages.dispatch(name))
+        hand_off(rt, handoff)  # a failed send is counted; the next sweep retries
+    hints = [messages.claim_plan(i) for i in out.plans]
+    hints += [messages.dispatch(name) for name in out.workspaces]
+    _publish(rt, hints)
     with rt.transaction() as s:
         _record_beat(s, now, out)
     if out.busy:
@@ -91,6 +90,27 @@ def sweep(rt: Runtime) -> Sweep:
             extra={"action": "reconcile", **asdict(out)},
         )
     return out
+
+
+def _publish(rt: Runtime, hints: list[messages.Message]) -> None:
+    """Send every hint; with the broker down, say so once and go on (the
+    sweep is still recorded: beat is alive, the broker is not)."""
+    failed = 0
+    for hint in hints:
+        try:
+            rt.publisher.publish(hint)
+        except Exception as exc:
+            failed += 1
+            error = exc
+    if failed:
+        log.error(
+            "reconciler: %d of %d hints not sent (%s: %s); the next sweep tries again",
+            failed,
+            len(hints),
+            type(error).__name__,
+            error,
+            extra={"action": "reconcile_publish_failed"},
+        )
 
 
 def _running(s: Session, *conditions: object) -> list[tuple[Task, Workspace]]:
@@ -107,17 +127,14 @@ def _expire_leases(rt: Runtime, now: datetime, out: Sweep, handoffs: list[Handof
     with rt.sessions() as s:
         lapsed = _running(s, Task.lease_expires_at < now)
     for task, ws in lapsed:
+        # Before lose(): a re-claim refreshes ``task``, whose executor and
+        # last heartbeat are then the new claim's (none yet).
+        why = leases.last_heard(task)
         try:
             with rt.transaction() as s:
                 s.add(task)
                 lost = leases.lose(
-                    s,
-                    rt.settings,
-                    task,
-                    ws,
-                    actor=rt.actor,
-                    why=leases.last_heard(task),
-                    guard_expired_at=now,
+                    s, rt.settings, task, ws, actor=rt.actor, why=why, guard_expired_at=now
                 )
         except (ConcurrentChange, IllegalTransition):
             continue  # a heartbeat, a report or another reconciler got there first
@@ -129,7 +146,7 @@ def _expire_leases(rt: Runtime, now: datetime, out: Sweep, handoffs: list[Handof
         log.warning(
             "task %s: %s; now %s",
             task.id,
-            leases.last_heard(task),
+            why,
             lost.status,
             extra={"action": "lease_expired", "task_id": task.id, "status": str(lost.status)},
         )

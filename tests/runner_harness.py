@@ -1,6 +1,8 @@
 """Driving one executor phase by hand: fake terraform scripts, a reporter that
 records and answers from a script, and runner processes a test may kill.
 
+* :func:`chain` is a real configuration whose apply can be stopped between
+  resources, and :func:`created` reads which of them a state holds.
 * :func:`write_script` writes an executable ``#!/bin/sh`` "terraform" whose
   ``init`` and ``show`` succeed at once and whose ``plan`` and ``apply`` run a
   body the test chooses. It leaves marks in a directory: ``pid`` (the process
@@ -30,8 +32,55 @@ from pathlib import Path
 from typing import Any
 
 from executors.base import Finished, Handoff, Heartbeat, Reply, Report
+from scheduler.settings import Settings
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+
+# ---------------------------------------------------------------- real terraform
+
+NAMES = ("a", "b", "c")
+
+
+def chain(seconds: float) -> str:
+    """Three null_resources, each with a ``local-exec`` provisioner sleeping
+    ``seconds`` and each depending on the one before: Terraform 1.0.3 creates
+    them one by one and rewrites its state after each, so an apply can be
+    stopped between them. (``local-exec`` is built into terraform: no
+    download.)"""
+    return """\
+terraform {
+  required_providers {
+    null = {
+      source  = "hashicorp/null"
+      version = "2.1.2"
+    }
+  }
+}
+""" + "".join(
+        f'resource "null_resource" "{name}" {{\n'
+        + (f"  depends_on = [null_resource.{NAMES[i - 1]}]\n" if i else "")
+        + f'  provisioner "local-exec" {{\n    command = "sleep {seconds:g}"\n  }}\n}}\n'
+        for i, name in enumerate(NAMES)
+    )
+
+
+CHAIN = chain(2)
+
+
+def created(state: bytes | str | dict[str, Any]) -> set[str]:
+    """Names of the null_resources a Terraform state holds a sound instance
+    of (an interrupted provisioner leaves its resource tainted, to be
+    replaced: not counted)."""
+    doc = state if isinstance(state, dict) else json.loads(state)
+    return {
+        r["name"]
+        for r in doc["resources"]
+        if r["type"] == "null_resource"
+        and any(i.get("status") != "tainted" for i in r["instances"])
+    }
+
+
+# ---------------------------------------------------------------- fake terraform
 
 FAKE_TERRAFORM = """\
 #!/bin/sh
@@ -291,3 +340,11 @@ def worker() -> None:
 
 def reports_of(kind: str, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r for r in records if r["kind"] == kind]
+
+
+def latest_working_copy(settings: Settings, task_id: int) -> Path:
+    """The working copy of ``task_id``'s newest plan attempt (the one its
+    apply, if any, ran in)."""
+    copies = list((settings.work_dir / str(task_id)).glob("plan-*"))
+    assert copies, f"task {task_id} has no working copy"
+    return max(copies, key=lambda p: int(p.name.removeprefix("plan-")))

@@ -1,11 +1,11 @@
 """A real terraform apply, killed, cancelled or superseded part-way through.
 
-Three ``null_resource``s, each with a ``local-exec`` provisioner that sleeps
-2 s and each depending on the one before, so Terraform 1.0.3 creates them one
-by one and rewrites its state after each. The apply runs in a runner process
-(:func:`tests.runner_harness.worker`: what a runq worker does with an
-``execute`` message) against the session's PostgreSQL database; the test
-process claims, confirms, runs the reconciler's sweep and the plans.
+The configuration is :data:`tests.runner_harness.CHAIN`: three
+``null_resource``s created one by one, 2 s each, with a state write after
+each. The apply runs in a runner process (:func:`tests.runner_harness.worker`:
+what a runq worker does with an ``execute`` message) against the session's
+PostgreSQL database; the test process claims, confirms, runs the
+reconciler's sweep and the plans.
 
 What must hold: every state terraform wrote while runq still trusted the
 apply is the workspace's state; nothing it wrote after is; and terraform does
@@ -41,28 +41,19 @@ from scheduler.settings import Settings
 from scheduler.states import TaskStatus
 from scheduler.views import TaskView
 from tests.conftest import RedisServer
-from tests.runner_harness import alive, pids_with_env, start_worker, wait_for
+from tests.runner_harness import (
+    CHAIN,
+    NAMES,
+    alive,
+    created,
+    latest_working_copy,
+    pids_with_env,
+    start_worker,
+    wait_for,
+)
 from tests.workers import real_terraform
 
 pytestmark = [pytest.mark.terraform, pytest.mark.postgres, pytest.mark.redis]
-
-NAMES = ("a", "b", "c")
-
-CHAIN = """\
-terraform {
-  required_providers {
-    null = {
-      source  = "hashicorp/null"
-      version = "2.1.2"
-    }
-  }
-}
-""" + "".join(
-    f'resource "null_resource" "{name}" {{\n'
-    + (f"  depends_on = [null_resource.{NAMES[i - 1]}]\n" if i else "")
-    + '  provisioner "local-exec" {\n    command = "sleep 2"\n  }\n}\n'
-    for i, name in enumerate(NAMES)
-)
 
 LEASE_TTL = 3.0
 HEARTBEAT = 0.5
@@ -155,14 +146,8 @@ class Rig:
 
     def work_state(self, task_id: int) -> dict[str, Any]:
         """The state file terraform left in the apply's working copy."""
-        path = self.settings.work_dir / str(task_id) / STATE_FILE
+        path = latest_working_copy(self.settings, task_id) / STATE_FILE
         return dict(json.loads(path.read_text()))
-
-
-def created(state: bytes | str | dict[str, Any]) -> set[str]:
-    """Names of the null_resources a state holds an instance of."""
-    doc = state if isinstance(state, dict) else json.loads(state)
-    return {r["name"] for r in doc["resources"] if r["type"] == "null_resource" and r["instances"]}
 
 
 def ids(state: bytes) -> dict[str, str]:

@@ -138,6 +138,21 @@ def test_duplicate_started_is_refused(rt: Runtime, ws: str, caplog: Any) -> None
     assert len(rejected_reports(caplog.records)) == 2
 
 
+def test_a_retried_started_from_the_same_run_is_accepted_again(rt: Runtime, ws: str) -> None:
+    """The Started committed but its reply was lost: the runner's retry (same
+    run, same handle) must not make it abandon a phase it owns."""
+    tid, f = claimed(rt, ws)
+    assert begin(rt, tid, f).accepted
+    started = tasks.get(rt, tid)
+    again = reports.accept(rt, Started(tid, f, Phase.PLAN, f"exec:{tid}:{f}"))
+    assert again == Reply.ok()
+    view = tasks.get(rt, tid)
+    assert view.executor_handle == f"exec:{tid}:{f}"
+    assert view.phase_started_at is not None and started.phase_started_at is not None
+    # Another run of the same claim is still refused (start-once).
+    assert is_stale(reports.accept(rt, Started(tid, f, Phase.PLAN, "exec:other-run")))
+
+
 def _stale_reports(tid: int, fence: int) -> list[Report]:
     return [
         Started(tid, fence, Phase.APPLY, "exec:stale"),

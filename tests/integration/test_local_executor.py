@@ -47,7 +47,8 @@ from scheduler.runtime import Runtime
 from scheduler.settings import Settings
 from scheduler.states import Phase, TaskStatus
 from scheduler.views import TaskView
-from tests.workers import RedisServer
+from tests.conftest import RedisServer
+from tests.runner_harness import latest_working_copy
 
 pytestmark = [pytest.mark.terraform, pytest.mark.redis]
 
@@ -269,7 +270,7 @@ def test_plan_and_apply_with_null_provider(h_db: Harness, terraform_bin: str) ->
     for v in versions:
         assert (v.sha256, v.size) == (hashlib.sha256(v.content).hexdigest(), len(v.content))
         assert json.loads(v.content)["serial"] == v.serial
-    final = h.settings.work_dir / str(planned.id) / STATE_FILE
+    final = latest_working_copy(h.settings, planned.id) / STATE_FILE
     assert versions[-1].content == final.read_bytes()
     # No state file outside the phase's working copy.
     assert not h.settings.state_dir.exists()
@@ -412,7 +413,7 @@ def test_speculative_plan_takes_no_lock_and_writes_no_state(h: Harness) -> None:
     assert not any(c.split()[1] == "apply" for c in commands(plan_log))
     # The plan stored no state, and did not even change its private copy.
     assert [(v.id, v.serial, v.sha256) for v in h.versions("spec")] == before
-    assert (h.settings.work_dir / str(plan.id) / STATE_FILE).read_bytes() == stored
+    assert (latest_working_copy(h.settings, plan.id) / STATE_FILE).read_bytes() == stored
 
 
 def test_runq_env_reaches_terraform_and_provisioners(h: Harness, tmp_path: Path) -> None:

@@ -15,9 +15,10 @@ from __future__ import annotations
 import json
 import os
 import signal
+import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -33,7 +34,7 @@ from executors.base import (
     StateWritten,
     StopReason,
 )
-from executors.local import PLAN_FILE, STATE_FILE, LocalRunner
+from executors.local import PLAN_FILE, STATE_FILE, LocalRunner, working_copy
 from scheduler.settings import Settings
 from scheduler.states import ExecutionMode, Phase
 from tests.runner_harness import (
@@ -81,7 +82,7 @@ class Rig:
             timeout=timeout,
         )
         if phase is Phase.APPLY:
-            work = self.settings.work_dir / str(h.task_id)
+            work = working_copy(self.settings, h.task_id, h.fence - 1)
             work.mkdir(parents=True, exist_ok=True)
             (work / PLAN_FILE).write_text("a saved plan")
         return h
@@ -433,3 +434,57 @@ def test_started_rejected_runs_nothing(tmp_path: Path) -> None:
     r.run(r.handoff(), reporter)
     assert [type(x.report) for x in reporter.log] == [Started]
     assert not (r.marks / "pid").exists()
+
+
+# ------------------------------------------------ one working copy per plan attempt
+
+SHARED = f"""\
+case "$1" in
+  plan) echo "planned under fence $RUNQ_FENCE" > {PLAN_FILE}; exit 2 ;;
+esac
+cat > {STATE_FILE} <<'RUNQ_EOF'
+{state_doc(1)}
+RUNQ_EOF
+sleep 1
+cat > {STATE_FILE} <<'RUNQ_EOF'
+{state_doc(2)}
+RUNQ_EOF
+sleep 0.5
+"""
+
+
+def test_a_resumed_stale_plan_leaves_the_live_apply_alone(tmp_path: Path) -> None:
+    r = rig(tmp_path, SHARED)
+    plan = r.handoff()
+    go, paused = threading.Event(), threading.Event()
+
+    def stale_executor(report: Report, _beats: int) -> Reply:
+        # Started was accepted; then the process froze (SIGSTOP, a VM pause)
+        # past its lease. Once it runs again, it is stale.
+        if isinstance(report, Started):
+            paused.set()
+            go.wait(30)
+            return Reply.ok()
+        return Reply.stale("re-claimed while this executor was paused")
+
+    a = threading.Thread(
+        target=LocalRunner(r.settings).run,
+        args=(replace(plan, fence=1), ScriptedReporter(stale_executor)),
+    )
+    a.start()
+    assert paused.wait(10)
+    # The plan was re-claimed and run again, confirmed, and its apply claimed.
+    b = ScriptedReporter()
+    LocalRunner(r.settings).run(replace(plan, fence=2), b)
+    assert only_finished(b).result.ok
+    c = ScriptedReporter()
+    apply = replace(plan, phase=Phase.APPLY, fence=3)
+    applying = threading.Thread(target=LocalRunner(r.settings).run, args=(apply, c))
+    applying.start()
+    wait_for("the apply's first state", lambda: state_writes(c))
+    go.set()  # the paused plan executor resumes, mid-apply
+    a.join(30)
+    applying.join(30)
+
+    assert only_finished(c).result.ok
+    assert [w.serial for w in state_writes(c)] == [1, 2]
