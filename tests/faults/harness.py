@@ -124,8 +124,6 @@ class FaultCluster:
         self.invocation_log = self.root / "invocations.log"
         wrapper = write_slow_terraform(self.root, terraform, self.invocation_log)
         data_dir = self.root / "data"
-        # celery beat keeps its schedule file there and dies if it is missing.
-        data_dir.mkdir()
         env = {
             **terraform_offline_env(self.root / "terraform"),
             **self.timings.env(),
