@@ -41,6 +41,7 @@ from scheduler.messages import Message
 from scheduler.runtime import Runtime
 from scheduler.settings import Settings
 from scheduler.views import TaskView
+from tests.conftest import PG_ADMIN_URL
 from tests.workers import (
     Beat,
     RedisServer,
@@ -55,9 +56,6 @@ from tests.workers import (
 
 log = logging.getLogger(__name__)
 
-PG_ADMIN_URL = os.environ.get(
-    "RUNQ_TEST_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
-)
 #: Marks the harness's own PostgreSQL sessions (see the module docstring).
 HARNESS_APP = "runq-faults-harness"
 
@@ -186,9 +184,9 @@ class FaultCluster:
         workspaces.create(self.rt, name, source_dir=str(src), auto_apply=auto_apply)
 
     def submit(self, workspace: str, task_type: str, message: str) -> TaskView:
-        """Queue a task. Retried on a database error: the harness's own
-        sessions are spared by the faults, but a pooled connection may still
-        meet a restart of the server's side of things."""
+        """Queue a task. The faults spare the harness's own sessions; a
+        database error is retried all the same, so the harness outlives
+        whatever it injects."""
         return _retry(
             lambda: tasks.submit(
                 self.rt, workspace, task_type, message=message, created_by="faults"

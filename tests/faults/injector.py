@@ -150,14 +150,8 @@ class Injector:
         for fu in [fu for fu in self.follow_ups if fu.at <= now]:
             self.follow_ups.remove(fu)
             fu.action()
-        for name in list(self.restarting):
-            if self.cluster.worker(name).ready():
-                self.restarting.discard(name)
-                self.healthy.add(name)
-        for check in [c for c in self._orphan_checks if c[0] <= now]:
-            self._orphan_checks.remove(check)
-            _, fault, pids = check
-            fault.detail["orphans"] = [p for p in pids if _terraform_alive(p)]
+        self._welcome_back()
+        self._look_for_orphans(now)
 
     def heal(self, timeout: float = 90.0) -> float:
         """Inject nothing more; let every fault end as planned (a pause cut
@@ -171,19 +165,29 @@ class Injector:
         for t in self._threads:
             t.join()
         deadline = time.monotonic() + timeout
-        while self.restarting:
-            for name in list(self.restarting):
-                if self.cluster.worker(name).ready():
-                    self.restarting.discard(name)
-                    self.healthy.add(name)
+        while self._welcome_back():
             if time.monotonic() > deadline:
                 raise RuntimeError(f"workers {sorted(self.restarting)} not ready after healing")
             time.sleep(0.1)
-        for due, fault, pids in self._orphan_checks:
-            time.sleep(max(0.0, due - time.time()))
-            fault.detail["orphans"] = [p for p in pids if _terraform_alive(p)]
-        self._orphan_checks.clear()
+        last = max((due for due, _, _ in self._orphan_checks), default=0.0)
+        time.sleep(max(0.0, last - time.time()))
+        self._look_for_orphans(last)
         return time.time()
+
+    def _welcome_back(self) -> set[str]:
+        """Count restarted workers that are ready as healthy again; the
+        names still coming up."""
+        for name in list(self.restarting):
+            if self.cluster.worker(name).ready():
+                self.restarting.discard(name)
+                self.healthy.add(name)
+        return self.restarting
+
+    def _look_for_orphans(self, now: float) -> None:
+        for check in [c for c in self._orphan_checks if c[0] <= now]:
+            self._orphan_checks.remove(check)
+            _, fault, pids = check
+            fault.detail["orphans"] = [p for p in pids if _terraform_alive(p)]
 
     # -- injection -------------------------------------------------------------
 
