@@ -161,7 +161,7 @@ class Outcome:
         are expected; anything else is worth a look."""
         last = {e.task_id: e for e in self.records.events}
         reasons = Counter(
-            re.sub(r"[0-9][0-9:.T+-]*", "#", last[t.id].reason)[:120]
+            re.sub(r"[0-9][0-9:.T+-]*", "#", re.sub(r"\([^)]*\)", "(...)", last[t.id].reason))[:120]
             for t in self.records.tasks
             if t.status == "failed" and t.id in last
         )
@@ -415,15 +415,16 @@ def main(argv: list[str] | None = None) -> int:
         keep_database=args.keep_database,
     )
     outcome = run(config)
-    details = report(outcome)
-    print(outcome.summary(details), flush=True)
+    print(outcome.summary(report(outcome)), flush=True)
     return 0 if outcome.ok else 1
 
 
 def report(outcome: Outcome) -> Path:
-    """Write the details next to the run's logs; their path."""
+    """Write the details next to the run's logs, the summary line among
+    them; their path."""
     path = outcome.root / "faults.json"
-    path.write_text(json.dumps(outcome.to_json(), indent=2, default=str))
+    details = {"summary": outcome.summary(path), **outcome.to_json()}
+    path.write_text(json.dumps(details, indent=2, default=str))
     return path
 
 

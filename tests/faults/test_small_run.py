@@ -38,8 +38,7 @@ def test_small_fault_run_keeps_every_invariant(tmp_path: Path) -> None:
         out=tmp_path,
     )
     outcome = run(config)
-    details = report(outcome)
-    summary = outcome.summary(details)
+    summary = outcome.summary(report(outcome))
     print(summary)
     listed = "\n".join(f"{v.invariant}: {v.detail}" for v in outcome.verdict.violations[:40])
     assert outcome.verdict.ok, f"{summary}\n{listed}"
