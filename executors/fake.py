@@ -8,6 +8,7 @@ fence) without running terraform; the contract suite in
 
 from __future__ import annotations
 
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -43,7 +44,9 @@ class FakeRunner:
     ran: list[Handoff] = field(default_factory=list)
 
     def run(self, handoff: Handoff, reporter: Reporter) -> None:
-        handle = f"fake:{handoff.task_id}:{handoff.phase}"
+        # Unique per run, as LocalRunner's: the scheduler accepts a retried
+        # Started of the same run, so two runs must not share a handle.
+        handle = f"fake:{handoff.task_id}:{handoff.phase}:{secrets.token_hex(3)}"
         h = handoff
         if not reporter.report(Started(h.task_id, h.fence, h.phase, handle)).accepted:
             return

@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from executors.base import Finished, PhaseResult, Started
+from executors.base import Finished, PhaseResult, Reply, Report, Started
 from executors.fake import FakeRunner
 from scheduler import dispatcher, reports, tasks
 from scheduler.runtime import Runtime
@@ -129,3 +129,24 @@ def test_second_finished_is_rejected(rt: Runtime, ws: str) -> None:
 def test_report_for_a_missing_task_is_rejected_not_raised(rt: Runtime, ws: str) -> None:
     assert is_stale(reports.accept(rt, Finished(999999, 1, Phase.PLAN, PLAN_WITH_CHANGES)))
     assert is_stale(reports.accept(rt, Started(999999, 1, Phase.PLAN, "x")))
+
+
+def test_two_runs_of_one_handoff_start_it_once(rt: Runtime, ws: str) -> None:
+    """A duplicated hand-off run by a second executor while the first runs
+    it: the second's Started is refused (a retried Started of the *same*
+    run is accepted, so every run must have its own handle)."""
+    tid = _claimed_plan(rt, ws)
+    h = last_handoff(rt, tid)
+    second = FakeRunner()
+
+    class StartsTheSecondRun(reports.DirectReporter):
+        def report(self, report: Report) -> Reply:
+            reply = super().report(report)
+            if isinstance(report, Started) and reply.accepted:
+                second.run(h, reports.DirectReporter(rt))
+            return reply
+
+    first = FakeRunner()
+    first.run(h, StartsTheSecondRun(rt))
+    assert (first.ran, second.ran) == ([h], [])
+    assert status(rt, tid) is S.SUCCESS

@@ -68,10 +68,14 @@ def test_dispatch_storm_claims_each_task_once_in_queue_order(cluster: Cluster) -
 
 
 def worker_pid(actor_or_handle: str) -> int | None:
-    """The process id in ``worker@host:pid`` or ``local:host:pid``."""
-    if not actor_or_handle.startswith(("worker@", "local:")):
-        return None
-    return int(actor_or_handle.rsplit(":", 1)[1])
+    """The process id in an actor ``worker@host:pid`` or an executor handle
+    ``local:host:pid:run`` (the run token makes each handle unique)."""
+    if actor_or_handle.startswith("worker@"):
+        return int(actor_or_handle.rsplit(":", 1)[1])
+    if actor_or_handle.startswith("local:"):
+        _local, _host, pid, _run = actor_or_handle.split(":")
+        return int(pid)
+    return None
 
 
 def test_work_is_spread_over_separate_worker_processes(cluster: Cluster) -> None:

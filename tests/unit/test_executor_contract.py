@@ -120,8 +120,9 @@ def test_local_runner_missing_binary_is_a_clear_failure(tmp_path: Path) -> None:
     assert not result.ok
     assert result.error is not None
     assert "not found" in result.error and "RUNQ_TERRAFORM_BIN" in result.error
-    # The working copy was made from the source, with runq's backend override.
-    work = tmp_path / "data" / "work" / "41"
+    # The working copy of this plan attempt (task 41, fence 5) was made from
+    # the source, with runq's backend override.
+    work = tmp_path / "data" / "work" / "41" / "plan-5"
     assert (work / "main.tf").is_file() and (work / "runq_override.tf").is_file()
 
 
