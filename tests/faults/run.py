@@ -62,6 +62,8 @@ class Config:
     #: Seconds over which the tasks are submitted; faults stop at 85% of it.
     window: float = 600.0
     faults: int = 40
+    #: Only these kinds of fault (all kinds if None).
+    kinds: list[Kind] | None = None
     workers: int = 3
     concurrency: int = 3
     #: I3: every task settled at most this long after healing.
@@ -260,7 +262,9 @@ def run(config: Config) -> Outcome:
     )
     # Faults begin once the load is under way and stop before it ends, so
     # the last submissions meet a healed cluster.
-    schedule = plan_faults(config.seed, config.faults, 0.1 * config.window, 0.85 * config.window)
+    schedule = plan_faults(
+        config.seed, config.faults, 0.1 * config.window, 0.85 * config.window, config.kinds
+    )
     root = config.out / f"run-{time.strftime('%Y%m%d-%H%M%S')}-{config.seed}"
     cluster = FaultCluster(
         root,
@@ -389,6 +393,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workspaces", type=int, default=30)
     p.add_argument("--window", type=float, default=600.0, help="seconds to submit over")
     p.add_argument("--faults", type=int, default=40)
+    p.add_argument(
+        "--kinds",
+        type=lambda v: [Kind(k) for k in v.split(",")],
+        help=f"only these faults, comma-separated: {','.join(Kind)}",
+    )
+    p.add_argument(
+        "--pause", type=float, nargs=2, default=(0.5, 3.0), help="range of phase pauses, s"
+    )
     p.add_argument("--workers", type=int, default=3)
     p.add_argument("--concurrency", type=int, default=3)
     p.add_argument("--bound", type=float, default=180.0, help="I3 bound after healing, s")
@@ -408,6 +420,8 @@ def main(argv: list[str] | None = None) -> int:
         workspaces=args.workspaces,
         window=args.window,
         faults=args.faults,
+        kinds=args.kinds,
+        pause=tuple(args.pause),
         workers=args.workers,
         concurrency=args.concurrency,
         bound=args.bound,
