@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.installed
 export CHECKPOINT_DISABLE := 1
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: demo test check lint typecheck unit integration scenario install clean
+.PHONY: demo test check lint typecheck unit integration scenario faults install clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,11 @@ integration: $(STAMP)
 
 scenario: $(STAMP)
 	$(BIN)/pytest -q tests/scenario
+
+# The full fault-injection run (about 11 min on 2 cores): 30 workspaces,
+# 1000 tasks, faults on a schedule from FAULTS_SEED (random if unset; printed).
+faults: $(STAMP)
+	$(BIN)/python -m tests.faults.run --tasks 1000 --workspaces 30
 
 clean:
 	rm -rf $(VENV) .runq .pytest_cache .mypy_cache .ruff_cache

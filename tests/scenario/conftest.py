@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 
 from scheduler.db import make_engine, upgrade
-from tests.conftest import RedisServer
 from tests.scenario.cluster import Cluster, redis_db, start_cluster
+from tests.workers import RedisServer
 
 
 @pytest.fixture(scope="module")
