@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -11,7 +12,7 @@ from scheduler.messages import RecordingPublisher
 from scheduler.runtime import Runtime
 from scheduler.settings import Settings
 from scheduler.states import DispatchMode
-from tests.integration.helpers import make_workspace
+from tests.integration.helpers import make_workspace, tuned
 
 
 @pytest.fixture
@@ -39,3 +40,18 @@ def legacy_rt(settings: Settings) -> Iterator[Runtime]:
     )
     yield runtime
     runtime.close()
+
+
+@pytest.fixture
+def tune(rt: Runtime) -> Iterator[Callable[..., Runtime]]:
+    """``tune(lease_ttl=2, ...)``: runtimes on ``rt``'s database and publisher
+    with other settings, closed after the test."""
+    made: list[Runtime] = []
+
+    def make(**changes: Any) -> Runtime:
+        made.append(tuned(rt, **changes))
+        return made[-1]
+
+    yield make
+    for r in made:
+        r.close()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -33,25 +33,11 @@ from tests.integration.helpers import (
     lapse,
     recorder,
     task_events,
-    tuned,
 )
 
 S = TaskStatus
 PA = TaskType.PLAN_AND_APPLY
 CANCELLED_BY_EXECUTOR = PhaseResult(ok=False, error="interrupted", stopped=StopReason.CANCEL)
-
-
-@pytest.fixture
-def tune(rt: Runtime) -> Iterator[Callable[..., Runtime]]:
-    made: list[Runtime] = []
-
-    def make(**changes: Any) -> Runtime:
-        made.append(tuned(rt, **changes))
-        return made[-1]
-
-    yield make
-    for r in made:
-        r.close()
 
 
 def until(check: Callable[[], bool], what: str, timeout: float = 10.0) -> None:

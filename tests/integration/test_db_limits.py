@@ -8,9 +8,8 @@ inside a transaction is ended by the server, and its locks with it.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import psycopg
 import pytest
@@ -23,24 +22,11 @@ from scheduler.models import Task
 from scheduler.runtime import Runtime
 from scheduler.states import TaskStatus, TaskType
 from tests.conftest import PG_ADMIN_URL
-from tests.integration.helpers import everything, make_workspace, tuned
+from tests.integration.helpers import everything, make_workspace
 
 pytestmark = pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
 
 S = TaskStatus
-
-
-@pytest.fixture
-def tune(rt: Runtime) -> Iterator[Callable[..., Runtime]]:
-    made: list[Runtime] = []
-
-    def make(**changes: Any) -> Runtime:
-        made.append(tuned(rt, **changes))
-        return made[-1]
-
-    yield make
-    for r in made:
-        r.close()
 
 
 def conninfo(rt: Runtime) -> str:

@@ -4,10 +4,9 @@ after RUNQ_HANDOFF_ATTEMPTS sends; a failed publish is not fatal."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
-import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from executors.base import Started
@@ -28,24 +27,10 @@ from tests.integration.helpers import (
     recorder,
     set_task,
     task_events,
-    tuned,
 )
 
 S = TaskStatus
 PA = TaskType.PLAN_AND_APPLY
-
-
-@pytest.fixture
-def tune(rt: Runtime) -> Iterator[Callable[..., Runtime]]:
-    made: list[Runtime] = []
-
-    def make(**changes: Any) -> Runtime:
-        made.append(tuned(rt, **changes))
-        return made[-1]
-
-    yield make
-    for r in made:
-        r.close()
 
 
 class BrokerDown(RecordingPublisher):

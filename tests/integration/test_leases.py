@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -47,24 +47,10 @@ from tests.integration.helpers import (
     rejected_reports,
     set_task,
     task_events,
-    tuned,
 )
 
 S = TaskStatus
 PA = TaskType.PLAN_AND_APPLY
-
-
-@pytest.fixture
-def tune(rt: Runtime) -> Iterator[Callable[..., Runtime]]:
-    made: list[Runtime] = []
-
-    def make(**changes: Any) -> Runtime:
-        made.append(tuned(rt, **changes))
-        return made[-1]
-
-    yield make
-    for r in made:
-        r.close()
 
 
 # ---------------------------------------------------------------- heartbeats

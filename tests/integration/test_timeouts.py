@@ -4,9 +4,8 @@ status_changed_at, never by waiting."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -27,24 +26,10 @@ from tests.integration.helpers import (
     recorder,
     set_task,
     task_events,
-    tuned,
 )
 
 S = TaskStatus
 PA = TaskType.PLAN_AND_APPLY
-
-
-@pytest.fixture
-def tune(rt: Runtime) -> Iterator[Callable[..., Runtime]]:
-    made: list[Runtime] = []
-
-    def make(**changes: Any) -> Runtime:
-        made.append(tuned(rt, **changes))
-        return made[-1]
-
-    yield make
-    for r in made:
-        r.close()
 
 
 def timed_out(phase: Phase, limit: str) -> Reply:
