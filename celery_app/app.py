@@ -12,7 +12,7 @@ import logging
 from typing import Any
 
 from celery import Celery
-from celery.signals import worker_process_init, worker_shutting_down
+from celery.signals import beat_init, worker_process_init, worker_shutting_down
 
 from celery_app.config import celery_config
 from celery_app.runtime import build_runtime
@@ -99,3 +99,44 @@ def _interrupt_running_phases(**_: Any) -> None:
     for pid in children:
         with contextlib.suppress(ProcessLookupError, ValueError):
             os.kill(int(pid), signal.SIGTERM)
+
+
+@beat_init.connect
+def _start_reconciler(**_: Any) -> None:
+    """``celery beat`` is runq's reconciler: it sweeps every
+    ``RUNQ_RECONCILE_INTERVAL`` seconds on a thread of its own.
+
+    It does not send the sweep to the workers as a task: there it would wait
+    for a free pool process, and when every process runs terraform or is
+    paused (exactly when leases lapse) the sweeps expired unrun. Each sweep
+    is recorded in the database, so ``runq status`` sees a beat that stopped.
+    A second beat is harmless: every move a sweep makes is a compare-and-set.
+    """
+    import threading
+
+    threading.Thread(target=_reconcile_forever, name="runq-reconciler", daemon=True).start()
+
+
+def _reconcile_forever() -> None:
+    import time
+
+    from celery_app.tasks import _guarded
+    from scheduler import reconciler
+
+    global _runtime  # noqa: PLW0603
+    _runtime = build_runtime(app, settings(), actor=f"reconciler@{_hostname()}")
+    interval = settings().reconcile_interval
+    log.info("reconciler: sweeping every %gs", interval, extra={"action": "reconciler_started"})
+    first = True
+    while True:
+        started = time.monotonic()
+        _guarded("reconcile", reconciler.sweep)
+        # One line a sweep (every 30 s by default): when beat was alive.
+        log.info(
+            "reconciler: swept in %.2fs%s",
+            time.monotonic() - started,
+            "; first sweep done" if first else "",
+            extra={"action": "reconciler_swept"},
+        )
+        first = False
+        time.sleep(max(0.0, interval - (time.monotonic() - started)))

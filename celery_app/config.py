@@ -57,13 +57,11 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             TASK_EXECUTE: {"queue": QUEUE_RUNS},
             TASK_RECONCILE: {"queue": QUEUE_DISPATCH},
         },
-        "beat_schedule": {
-            "runq-reconcile": {
-                "task": TASK_RECONCILE,
-                "schedule": settings.reconcile_interval,
-                "options": {"queue": QUEUE_DISPATCH, "expires": settings.reconcile_interval},
-            }
-        },
+        # No schedule: beat runs the reconciler itself, on a thread (see
+        # celery_app.app._start_reconciler). As a scheduled task it waited
+        # for a free pool process, and when every process ran terraform or
+        # was paused, sweeps expired unrun: the moment healing is needed most.
+        "beat_schedule": {},
         # Beat's bookkeeping lives with runq's other files, not in the cwd.
         "beat_schedule_filename": str(settings.data_dir.resolve() / "celerybeat-schedule"),
         "worker_hijack_root_logger": True,

@@ -404,8 +404,8 @@ class WorkerPool:
 
 @dataclass
 class Beat:
-    """A real ``celery -A celery_app beat``: sends ``runq.reconcile`` every
-    ``RUNQ_RECONCILE_INTERVAL`` seconds."""
+    """A real ``celery -A celery_app beat``: runq's reconciler, sweeping every
+    ``RUNQ_RECONCILE_INTERVAL`` seconds on a thread of its own."""
 
     env: dict[str, str]
     logdir: Path
@@ -431,7 +431,7 @@ class Beat:
         # Not "beat: Starting": beat logs that before it opens its schedule
         # file, and may still die doing so.
         deadline = time.monotonic() + timeout
-        while "Sending due task" not in self.log.read_text(errors="replace"):
+        while "first sweep done" not in self.log.read_text(errors="replace"):
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.stop()
                 raise RuntimeError(f"celery beat did not start:\n{self.tail()}")

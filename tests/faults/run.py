@@ -194,24 +194,18 @@ class Outcome:
         }
 
     def _sweeps(self) -> dict[str, float | int]:
-        """How regularly the reconciler ran, from the workers' logs: it runs
-        in a pool process like any hint, so when every process is busy with
-        terraform its message waits, and expires after one interval."""
+        """How regularly the reconciler ran, from beat's log (beat sweeps on
+        a thread of its own and logs one line a sweep)."""
         stamp = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})")
         done: list[float] = []
-        expired = 0
-        for path in (self.root / "logs").glob("w*.log"):
+        for path in (self.root / "logs").glob("beat*.log"):
             for line in path.read_text(errors="replace").splitlines():
-                if "runq.reconcile[" not in line:
-                    continue
-                if "Discarding revoked task" in line:
-                    expired += 1
-                elif " succeeded in " in line and (m := stamp.match(line)):
+                if "reconciler: swept in" in line and (m := stamp.match(line)):
                     at = datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f")
                     done.append(at.timestamp())
         done.sort()
         gaps = [b - a for a, b in itertools.pairwise(done)]
-        return {"sweeps": len(done), "longest_gap": max(gaps, default=0.0), "expired": expired}
+        return {"sweeps": len(done), "longest_gap": max(gaps, default=0.0)}
 
     def _fault_json(self, f: Fault) -> dict[str, Any]:
         r = self.recoveries.get(f.index)
