@@ -40,9 +40,9 @@ TABLES = ("state_versions", "service_beats", "task_events", "tasks", "workspaces
 # ---------------------------------------------------------------- databases
 
 
-@pytest.fixture(scope="session")
-def pg_database_url() -> Iterator[str]:
-    name = f"runq_test_{os.getpid()}_{secrets.token_hex(3)}"
+def create_database(prefix: str) -> tuple[str, str]:
+    """A fresh, migrated database on the machine's PostgreSQL: (name, URL)."""
+    name = f"{prefix}_{os.getpid()}_{secrets.token_hex(3)}"
     with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
     base = PG_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://", 1)
@@ -50,9 +50,19 @@ def pg_database_url() -> Iterator[str]:
     engine = make_engine(url)
     upgrade(engine)
     engine.dispose()
-    yield url
+    return name, url
+
+
+def drop_database(name: str) -> None:
     with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def pg_database_url() -> Iterator[str]:
+    name, url = create_database("runq_test")
+    yield url
+    drop_database(name)
 
 
 @pytest.fixture

@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import secrets
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -35,13 +34,12 @@ from sqlalchemy.exc import OperationalError
 from celery_app.config import celery_config
 from celery_app.runtime import CeleryPublisher
 from scheduler import tasks, workspaces
-from scheduler.db import make_engine, upgrade
 from scheduler.errors import SchedulerError
 from scheduler.messages import Message
 from scheduler.runtime import Runtime
 from scheduler.settings import Settings
 from scheduler.views import TaskView
-from tests.conftest import PG_ADMIN_URL
+from tests.conftest import PG_ADMIN_URL, create_database, drop_database
 from tests.workers import (
     Beat,
     RedisServer,
@@ -107,14 +105,7 @@ class FaultCluster:
         (self.root / "src").mkdir(exist_ok=True)
         self.redis = RedisServer(self.root)
         self.redis.start()
-        self.database = f"runq_faults_{os.getpid()}_{secrets.token_hex(3)}"
-        with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
-            conn.execute(f'CREATE DATABASE "{self.database}"')
-        base = PG_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://", 1)
-        self.database_url = f"{base}/{self.database}"
-        engine = make_engine(self.database_url)
-        upgrade(engine)
-        engine.dispose()
+        self.database, self.database_url = create_database("runq_faults")
 
         terraform = find_terraform()
         if terraform is None:
@@ -159,8 +150,7 @@ class FaultCluster:
         with contextlib.suppress(AttributeError):
             self.redis.stop()
         if not self.keep_database and getattr(self, "database", None):
-            with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
-                conn.execute(f'DROP DATABASE IF EXISTS "{self.database}" WITH (FORCE)')
+            drop_database(self.database)
 
     @contextlib.contextmanager
     def running(self) -> Iterator[FaultCluster]:

@@ -28,7 +28,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import psycopg
 import pytest
 from celery import Celery
 from redis import Redis
@@ -38,14 +37,13 @@ from celery_app.config import celery_config
 from celery_app.runtime import CeleryPublisher
 from executors.local import STATE_FILE
 from scheduler import tasks
-from scheduler.db import make_engine, upgrade
 from scheduler.messages import RecordingPublisher
 from scheduler.models import StateVersion, utcnow
 from scheduler.runtime import Runtime
 from scheduler.settings import Settings
 from scheduler.states import TERMINAL, DispatchMode, TaskStatus
 from scheduler.views import EventView, TaskView
-from tests.conftest import PG_ADMIN_URL, RedisServer
+from tests.conftest import RedisServer, create_database, drop_database
 from tests.runner_harness import (
     CHAIN,
     NAMES,
@@ -188,17 +186,9 @@ def only(events: list[EventView], src: TaskStatus, dst: TaskStatus) -> EventView
 def database_url() -> Iterator[str]:
     """A database of this module's own: its reconciler sweeps everything in
     it, and must not touch what other modules' clusters left behind."""
-    name = f"runq_faults_{os.getpid()}_{secrets.token_hex(3)}"
-    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    base = PG_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://", 1)
-    url = f"{base}/{name}"
-    engine = make_engine(url)
-    upgrade(engine)
-    engine.dispose()
+    name, url = create_database("runq_faults")
     yield url
-    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    drop_database(name)
 
 
 @pytest.fixture(scope="module")
