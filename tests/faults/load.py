@@ -25,6 +25,7 @@ import random
 from dataclasses import dataclass, field
 
 from scheduler.states import TaskType
+from tests.scenario.cluster import ALWAYS_CHANGES
 
 OUTPUTS = """\
 output "at" {
@@ -32,22 +33,8 @@ output "at" {
 }
 """
 
-NULL = """\
-terraform {
-  required_providers {
-    null = {
-      source  = "hashicorp/null"
-      version = "2.1.2"
-    }
-  }
-}
-
-resource "null_resource" "r" {
-  triggers = {
-    at = timestamp()
-  }
-}
-"""
+#: A null_resource whose trigger changes every run (the scenario tests' own).
+NULL = ALWAYS_CHANGES
 
 STATIC = """\
 output "v" {

@@ -52,6 +52,7 @@ from tests.runner_harness import (
     created,
     latest_working_copy,
     pids_with_env,
+    wait_for,
 )
 from tests.scenario.cluster import DEADLINE, Cluster, redis_db
 from tests.workers import Beat, WorkerPool, clean_env, descendants, write_slow_terraform
@@ -90,14 +91,7 @@ class FaultCluster(Cluster):
         return tasks.get(self.rt, task_id)
 
     def until(self, what: str, check: Callable[[], Any], timeout: float = DEADLINE) -> Any:
-        deadline = time.monotonic() + timeout
-        while True:
-            value = check()
-            if value:
-                return value
-            if time.monotonic() > deadline:
-                raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
-            time.sleep(0.05)
+        return wait_for(what, check, timeout)
 
     def running(self, task_id: int, status: TaskStatus, *, stored: bool = False) -> TaskView:
         """Wait until the task's ``status`` phase has started on an executor
