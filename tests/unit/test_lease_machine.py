@@ -30,9 +30,8 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import invariant, precondition, rule, run_state_machine_as_test
+from hypothesis.stateful import invariant, precondition, rule
 from sqlalchemy import select, update
 
 from executors.base import (
@@ -51,7 +50,7 @@ from scheduler.errors import ConcurrentChange
 from scheduler.messages import TASK_EXECUTE, Message
 from scheduler.models import StateVersion, Task, TaskEvent, utcnow
 from scheduler.states import ACTIVE_APPLY, RUNNING, SETTLED, DispatchMode, Phase, TaskType
-from tests.unit.test_state_machine import S, SchedulerMachine
+from tests.unit.test_state_machine import S, SchedulerMachine, run_machine
 
 PA = TaskType.PLAN_AND_APPLY
 LINEAGE = "machine-lineage"
@@ -357,17 +356,11 @@ class LeaseMachine(SchedulerMachine):
 def test_lease_state_machine(
     template: Path, tmp_path: Path, redis_url: str, mode: DispatchMode
 ) -> None:
-    machine = type(
-        "Machine",
-        (LeaseMachine,),
-        {"template": template, "root": tmp_path, "redis_url": redis_url, "mode": mode},
-    )
-    run_state_machine_as_test(
-        machine,
-        settings=settings(
-            max_examples=25,
-            stateful_step_count=40,
-            deadline=None,
-            suppress_health_check=[HealthCheck.too_slow],
-        ),
+    run_machine(
+        LeaseMachine,
+        template=template,
+        root=tmp_path,
+        redis_url=redis_url,
+        mode=mode,
+        max_examples=25,
     )

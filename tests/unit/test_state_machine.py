@@ -491,15 +491,35 @@ class CancellingReporter(reports.DirectReporter):
 def test_scheduler_state_machine(
     template: Path, tmp_path: Path, redis_url: str, mode: DispatchMode
 ) -> None:
+    run_machine(
+        SchedulerMachine,
+        template=template,
+        root=tmp_path,
+        redis_url=redis_url,
+        mode=mode,
+        max_examples=25 if mode is DispatchMode.NEW else 15,
+    )
+
+
+def run_machine(
+    base: type[SchedulerMachine],
+    *,
+    template: Path,
+    root: Path,
+    redis_url: str,
+    mode: DispatchMode,
+    max_examples: int,
+) -> None:
+    """Run ``base`` (or a subclass) against copies of ``template``."""
     machine = type(
         "Machine",
-        (SchedulerMachine,),
-        {"template": template, "root": tmp_path, "redis_url": redis_url, "mode": mode},
+        (base,),
+        {"template": template, "root": root, "redis_url": redis_url, "mode": mode},
     )
     run_state_machine_as_test(
         machine,
         settings=settings(
-            max_examples=25 if mode is DispatchMode.NEW else 15,
+            max_examples=max_examples,
             stateful_step_count=40,
             deadline=None,
             suppress_health_check=[HealthCheck.too_slow],
