@@ -103,6 +103,14 @@ class Client:
         Returns at once; :meth:`wait` for the task to end."""
         return tasks.cancel(self.runtime, task_id, force=force)
 
+    def logs(self, task_id: int) -> dict[str, str]:
+        """The stored output of each phase of ``task_id`` that has any."""
+        from scheduler import artifacts
+
+        with self.session() as s:
+            texts = {p: artifacts.log_text(s, task_id, p) for p in ("plan", "apply")}
+        return {p: t.decode("utf-8", errors="replace") for p, t in texts.items() if t}
+
     def events(self, task_ids: Sequence[int] | None = None) -> list[EventView]:
         return tasks.events(self.runtime, task_ids)
 

@@ -404,12 +404,14 @@ def cancel(out: Output, task_id: int, force: bool, wait: bool, timeout: float | 
 @command(main)
 @click.argument("task_id", type=int)
 def logs(out: Output, task_id: int) -> None:
-    """Print the terraform output of task ID, phase by phase."""
+    """Print the terraform output of task ID, phase by phase.
+
+    The output is stored by runq as the executor sends it, so this works on
+    any host, whichever worker, agent or Job ran the phase.
+    """
     c = client()
     c.get(task_id)  # unknown id: a clear error, not an empty answer
-    root = c.runtime.settings.logs_dir / str(task_id)
-    phases = {p: (root / f"{p}.log") for p in ("plan", "apply")}
-    texts = {p: path.read_text(errors="replace") for p, path in phases.items() if path.is_file()}
+    texts = c.logs(task_id)
 
     def human() -> None:
         if not texts:

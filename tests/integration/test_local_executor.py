@@ -32,9 +32,8 @@ import pytest
 from sqlalchemy import select
 
 from executors.base import Handoff
-from executors.local import PLAN_FILE, STATE_FILE, LocalRunner
-from scheduler import artifacts, dispatcher, leases, tasks, workspaces
-from scheduler.errors import ConcurrentChange
+from executors.local import PLAN_FILE, STATE_FILE
+from scheduler import artifacts, dispatcher, local_runs, tasks, workspaces
 from scheduler.messages import (
     TASK_CLAIM_PLAN,
     TASK_DISPATCH,
@@ -42,7 +41,6 @@ from scheduler.messages import (
     RecordingPublisher,
 )
 from scheduler.models import StateVersion
-from scheduler.reports import DirectReporter
 from scheduler.runtime import Runtime
 from scheduler.settings import Settings
 from scheduler.states import Phase, TaskStatus
@@ -92,13 +90,9 @@ class Pump:
                 dispatcher.dispatch(self.rt, *message.args)
             elif message.task == TASK_EXECUTE:
                 task_id, fence = message.args  # only these travel
-                try:
-                    with self.rt.sessions() as s:
-                        handoff = leases.load_handoff(s, self.rt.settings, task_id, fence)
-                except ConcurrentChange as exc:
-                    raise AssertionError(f"execute{message.args} was not runnable: {exc}") from exc
-                self.handoffs.append(handoff)
-                LocalRunner(self.rt.settings).run(handoff, DirectReporter(self.rt))
+                bundle = local_runs.execute(self.rt, task_id, fence)
+                assert bundle is not None, f"execute{message.args} was not runnable"
+                self.handoffs.append(bundle.handoff)
             else:
                 raise AssertionError(f"unexpected message {message}")
 
@@ -134,7 +128,8 @@ class Harness:
         return self.confirm(planned.id)
 
     def log(self, task_id: int, phase: str) -> str:
-        return (self.settings.logs_dir / str(task_id) / f"{phase}.log").read_text()
+        with self.rt.sessions() as s:
+            return artifacts.log_text(s, task_id, phase).decode()
 
     def versions(self, workspace: str) -> list[StateVersion]:
         """The workspace's stored states, oldest first."""
@@ -251,8 +246,11 @@ def test_plan_and_apply_with_null_provider(h_db: Harness, terraform_bin: str) ->
     applied = h.confirm(planned.id)
     assert applied.status is TaskStatus.APPLIED, applied.error
     apply_log = h.log(planned.id, "apply")
+    # A fresh working copy on whatever host takes the apply: init installs
+    # the providers the saved plan's lock file names, then the plan applies.
     assert commands(apply_log) == [
-        f"{terraform_bin} apply -input=false -no-color -auto-approve {PLAN_FILE}"
+        f"{terraform_bin} init -input=false -no-color",
+        f"{terraform_bin} apply -input=false -no-color -auto-approve {PLAN_FILE}",
     ]
     assert "Apply complete! Resources: 2 added, 0 changed, 0 destroyed." in apply_log
     assert len(h.instances("net")) == 2
