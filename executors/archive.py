@@ -115,9 +115,39 @@ def unpack(data: bytes, dest: Path) -> None:
     dest.mkdir(parents=True, exist_ok=True)
     try:
         with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
-            tar.extractall(dest, filter="data")
+            if hasattr(tarfile, "data_filter"):
+                tar.extractall(dest, filter="data")
+            else:
+                _extract_checked(tar, dest)
     except (tarfile.TarError, OSError, EOFError) as exc:
         raise ArchiveError(f"archive cannot be unpacked: {exc}") from exc
+
+
+def _extract_checked(tar: tarfile.TarFile, dest: Path) -> None:
+    """The ``data`` filter's refusals, for Pythons without extraction filters
+    (before 3.11.4; Debian bookworm's python3, the Docker image's, is 3.11.2):
+    only files, directories and links, nothing absolute, no special mode
+    bits, and nothing written or linked outside ``dest``. Members are checked
+    and extracted one at a time, so a path through a link extracted earlier
+    is resolved as it is on disk."""
+    root = os.path.realpath(dest)
+
+    def inside(path: str) -> bool:
+        real = os.path.realpath(path)
+        return real == root or real.startswith(root + os.sep)
+
+    for member in tar.getmembers():
+        path = os.path.join(root, member.name)
+        if not (member.isfile() or member.isdir() or member.issym() or member.islnk()):
+            raise ArchiveError(f"archive member {member.name!r} is not a file, directory or link")
+        if os.path.isabs(member.name) or not inside(path):
+            raise ArchiveError(f"archive member {member.name!r} is outside the destination")
+        if member.issym() or member.islnk():
+            base = os.path.dirname(path) if member.issym() else root
+            if os.path.isabs(member.linkname) or not inside(os.path.join(base, member.linkname)):
+                raise ArchiveError(f"archive link {member.name!r} points outside the destination")
+        member.mode &= 0o755
+        tar.extract(member, root)
 
 
 def names(data: bytes) -> list[str]:
