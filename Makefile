@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.installed
 export CHECKPOINT_DISABLE := 1
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: demo test check lint typecheck unit integration scenario faults install clean
+.PHONY: demo test check lint typecheck unit integration scenario faults compose-test install tools clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,12 +18,21 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev,flower]'
 	touch $(STAMP)
 
-install: $(STAMP)
+install: $(STAMP) tools
+
+# Debian's docker-compose (the v1 CLI, with the Compose spec's JSON schema)
+# for the compose file's checks in `make test`; installed where we are root,
+# else those checks skip and say why.
+tools:
+	@command -v docker-compose >/dev/null 2>&1 || [ "$$(id -u)" != 0 ] || \
+	  { apt-get install -y -qq --no-install-recommends docker-compose >/dev/null 2>&1 || \
+	    { apt-get update -qq && apt-get install -y -qq --no-install-recommends docker-compose >/dev/null; }; } || \
+	  echo "make: could not install docker-compose; the compose config checks will skip"
 
 demo: $(STAMP)
 	$(BIN)/runq demo
 
-test: check
+test: check tools
 	$(BIN)/pytest -q
 
 check: lint typecheck
@@ -48,6 +57,14 @@ scenario: $(STAMP)
 # 1000 tasks, faults on a schedule from FAULTS_SEED (random if unset; printed).
 faults: $(STAMP)
 	$(BIN)/python -m tests.faults.run --tasks 1000 --workspaces 30
+
+# docker-compose.yml on real containers (root; not part of make test): a
+# private dockerd on loopback, images built from Debian packages and cached in
+# /var/tmp/runq-docker, then 3 workers, 2 agents, kills and scaling. Timings
+# land in .runq/compose-test/timings.json.
+compose-test: $(STAMP)
+	$(BIN)/pytest -q -m compose tests/compose
+	@cat .runq/compose-test/timings.json 2>/dev/null || true
 
 clean:
 	rm -rf $(VENV) .runq .pytest_cache .mypy_cache .ruff_cache

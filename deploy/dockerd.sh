@@ -2,6 +2,7 @@
 # A private Docker engine for the compose test, kept on loopback:
 #   deploy/dockerd.sh start   start it (if not running); prints the DOCKER_HOST to use
 #   deploy/dockerd.sh stop    stop it by its pid
+#   deploy/dockerd.sh status  exit 0 if it runs
 #   deploy/dockerd.sh env     print the DOCKER_HOST line
 #
 # No iptables rules and no docker0 bridge: every test container uses host
@@ -56,11 +57,14 @@ case ${1:-} in
       if kill -0 "$pid" 2>/dev/null; then kill -KILL "$pid"; fi
     fi
     ;;
+  status)
+    running
+    ;;
   env)
     echo "DOCKER_HOST=unix://$SOCK"
     ;;
   *)
-    echo "usage: $0 start|stop|env" >&2
+    echo "usage: $0 start|stop|status|env" >&2
     exit 2
     ;;
 esac
