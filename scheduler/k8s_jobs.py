@@ -83,13 +83,13 @@ def watch(rt: Runtime, api: JobApi | None = None) -> list[int]:
         ).all()
     if not rows:
         return []
-    api = api or job_api(rt.settings)
     ended: list[int] = []
     for task, ws in rows:
         phase = phase_of(TaskStatus(task.status))
         assert phase is not None
         ns, name = JobSpec.of(rt.settings, ws.k8s).namespace, job_name(task.id, phase, task.fence)
         try:
+            api = api or job_api(rt.settings)
             outcome = job_outcome(api.read_job(ns, name))
         except Exception as exc:
             log.error(  # noqa: TRY400 - one line per sweep; the API is down or refuses us

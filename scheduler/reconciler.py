@@ -34,7 +34,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from executors.base import Handoff
-from scheduler import leases, messages
+from scheduler import k8s_jobs, leases, messages
 from scheduler.errors import ConcurrentChange, IllegalTransition
 from scheduler.models import ServiceBeat, Task, Workspace, utcnow
 from scheduler.runtime import Runtime
@@ -71,6 +71,7 @@ def sweep(rt: Runtime) -> Sweep:
     _expire_leases(rt, now, out, handoffs)
     _resend_unstarted(rt, now, out, handoffs)
     _enforce_timeouts(rt, now, out)
+    out.lost += k8s_jobs.watch(rt)  # Jobs that ended or vanished without reporting
     _expire_confirmations(rt, now, out)
     out.plans, out.workspaces = _owed_hints(rt, now)
 

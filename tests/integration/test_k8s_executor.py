@@ -29,7 +29,7 @@ from executors.k8s import (
     job_name,
     label_value,
 )
-from scheduler import dispatcher, k8s_jobs, leases, reports, tasks, workspaces
+from scheduler import dispatcher, k8s_jobs, leases, reconciler, reports, tasks, workspaces
 from scheduler.models import AgentPool, Task, Workspace
 from scheduler.runtime import Runtime
 from scheduler.states import Phase, TaskStatus, TaskType
@@ -350,29 +350,50 @@ def test_cancel_deletes_the_job_with_background_propagation(
     started(krt, handoff)
     name = job_name(handoff.task_id, Phase.PLAN, handoff.fence)
 
-    k8s_jobs.stop(krt, handoff.task_id, handoff.phase, handoff.fence, api)
+    tasks.cancel(krt, handoff.task_id, actor="alice")
 
-    deletes = [
-        (path, body) for path, body in emu.requests("DELETE") if path.endswith(f"/jobs/{name}")
-    ]
+    deletes = [(path, body) for path, body in emu.requests("DELETE") if "/jobs/" in path]
     assert deletes == [
         (f"/apis/batch/v1/namespaces/{NS}/jobs/{name}", {"propagationPolicy": "Background"})
     ]
     assert job_names(api) == []
+    # Its pod was told to stop (SIGTERM) and did not report: the sweep ends
+    # the task as the canceller asked.
+    assert status(krt, handoff.task_id) is TaskStatus.PLANNING
+    time.sleep(0.3)
+    assert reconciler.sweep(krt).lost == [handoff.task_id]
+    assert status(krt, handoff.task_id) is TaskStatus.CANCELLED
+    assert chain(krt, handoff.task_id)[-1] == ("planning", "cancelled")
 
 
-def test_a_cancelled_task_whose_job_is_gone_ends_cancelled(
+def test_cancelling_an_unstarted_phase_deletes_its_job(
     krt: Runtime, api: JobApi, src: Path
 ) -> None:
     handoff = claimed(krt, k8s_workspace(krt, src))
     launch(krt, api, handoff)
-    started(krt, handoff)
-    tasks.cancel(krt, handoff.task_id, actor="alice")
-    k8s_jobs.stop(krt, handoff.task_id, handoff.phase, handoff.fence, api)
-    time.sleep(0.3)
-    assert k8s_jobs.watch(krt, api) == [handoff.task_id]
-    assert status(krt, handoff.task_id) is TaskStatus.CANCELLED
-    assert chain(krt, handoff.task_id)[-1] == ("planning", "cancelled")
+    assert tasks.cancel(krt, handoff.task_id).status is TaskStatus.CANCELLED
+    assert job_names(api) == []
+
+
+def test_the_reconciler_sweep_watches_jobs(krt: Runtime, api: JobApi, src: Path) -> None:
+    handoff = claimed(krt, k8s_workspace(krt, src))
+    launch(krt, api, handoff)
+    assert reconciler.sweep(krt).lost == []
+    set_condition(
+        api, NS, job_name(handoff.task_id, Phase.PLAN, handoff.fence), "Failed", "DeadlineExceeded"
+    )
+    assert reconciler.sweep(krt).lost == [handoff.task_id]
+    assert status(krt, handoff.task_id) is TaskStatus.FAILED
+
+
+def test_a_sweep_without_kubernetes_config_goes_on(
+    tune: Callable[..., Runtime], krt: Runtime, api: JobApi, src: Path, tmp_path: Path
+) -> None:
+    handoff = claimed(krt, k8s_workspace(krt, src))
+    launch(krt, api, handoff)
+    broken = tune(k8s_kubeconfig=str(tmp_path / "missing-kubeconfig"))
+    assert reconciler.sweep(broken).lost == []
+    assert status(krt, handoff.task_id) is TaskStatus.PLANNING
 
 
 # ---------------------------------------------------------------- the Job's container
