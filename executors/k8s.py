@@ -191,7 +191,6 @@ def runner_env(settings: Settings) -> dict[str, str]:
         "RUNQ_SHUTDOWN_GRACE": f"{settings.shutdown_grace:g}",
         "RUNQ_REPORT_TIMEOUT": f"{settings.report_timeout:g}",
         "RUNQ_MAX_ARTIFACT_BYTES": str(settings.max_artifact_bytes),
-        "RUNQ_DATA_DIR": "/tmp/runq",  # noqa: S108 - the pod's own, emptied with it
     }
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from kubernetes.client.exceptions import ApiException
 from sqlalchemy import select
 
 from executors import signing
@@ -25,6 +27,7 @@ from executors.k8s import (
     COMMAND,
     POOL_FILE,
     RUN_KEY_FILE,
+    BundleTooLarge,
     JobApi,
     job_name,
     label_value,
@@ -102,8 +105,15 @@ def error_of(rt: Runtime, task_id: int) -> str | None:
 
 
 def job_names(api: JobApi, namespace: str = NS) -> list[str]:
-    # Listed and filtered here: the emulator ignores label selectors.
-    return sorted(j.metadata.name for j in api.batch.list_namespaced_job(namespace).items)
+    # Listed and filtered here: the emulator ignores label selectors (and
+    # knows no Jobs resource before the first Job is made).
+    try:
+        jobs = api.batch.list_namespaced_job(namespace).items
+    except ApiException as exc:
+        if exc.status != 404:
+            raise
+        return []
+    return sorted(j.metadata.name for j in jobs)
 
 
 def started(rt: Runtime, handoff: Handoff) -> None:
@@ -435,3 +445,11 @@ def test_the_test_plays_the_job_controller(
     assert k8s_jobs.watch(krt, api) == [handoff.task_id]
     want = "completed without reporting" if exit_code == 0 else "failed: BackoffLimitExceeded"
     assert want in (error_of(krt, handoff.task_id) or "")
+
+
+def test_a_bundle_too_large_for_a_secret_is_refused(krt: Runtime, api: JobApi, src: Path) -> None:
+    (src / "blob.txt").write_bytes(os.urandom(1024 * 1024))
+    handoff = claimed(krt, k8s_workspace(krt, src))
+    with pytest.raises(BundleTooLarge, match="a Kubernetes Secret holds at most 1048576"):
+        launch(krt, api, handoff)
+    assert job_names(api) == []
