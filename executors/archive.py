@@ -13,7 +13,8 @@ Hazards and what guards them:
 * **Archives that escape.** An archive is unpacked with the ``data`` filter:
   no absolute paths, no ``..``, no links out of the tree, no devices. A
   symlink in a source directory that points outside it is refused at submit,
-  where the user can fix it, not at plan time.
+  where the user can fix it, not at plan time; one that points inside is
+  stored relative to itself, so the filter accepts it however it was spelled.
 * **The same bytes for the same tree.** Entries are sorted with mtimes,
   owners and modes normalised, and the gzip header carries no time, so an
   unchanged directory gives the same digest and is stored once.
@@ -91,6 +92,11 @@ def pack_files(members: Iterable[tuple[str, Path]], limit: int, *, what: str) ->
             info.uid = info.gid = 0
             info.uname = info.gname = ""
             info.mode = 0o755 if info.mode & 0o111 else 0o644
+            if info.issym():
+                # Stored relative to where the link is: an absolute target,
+                # or one spelled through the outside ("../../cfg/x"), would
+                # be refused at unpack even though it points inside the tree.
+                info.linkname = os.path.relpath(path.resolve(), path.parent.resolve())
             if info.isfile():
                 total += info.size
                 if total > 8 * limit:  # even gzip will not bring this under the limit

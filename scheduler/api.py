@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 from sqlalchemy.orm import Session
 
@@ -59,6 +60,7 @@ class Client:
         agent_pool: str | None = None,
         plan_timeout: float | None = None,
         apply_timeout: float | None = None,
+        k8s: dict[str, Any] | None = None,
     ) -> WorkspaceView:
         return workspaces.create(
             self.runtime,
@@ -69,6 +71,7 @@ class Client:
             agent_pool=agent_pool,
             plan_timeout=plan_timeout,
             apply_timeout=apply_timeout,
+            k8s=k8s,
         )
 
     def submit(

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 from sqlalchemy import select
@@ -31,7 +33,7 @@ from sqlalchemy.orm import Session
 
 from executors import archive
 from executors.base import LogWritten, Reply, StateWritten
-from scheduler.errors import InvalidInput
+from scheduler.errors import InvalidInput, NotFound
 from scheduler.models import ConfigurationVersion, LogChunk, PlanArtifact, StateVersion, Task
 from scheduler.states import TaskStatus
 
@@ -45,6 +47,80 @@ def latest(session: Session, workspace_id: int) -> StateVersion | None:
         .order_by(StateVersion.id.desc())
         .limit(1)
     ).first()
+
+
+@dataclass(frozen=True)
+class StateVersionView:
+    workspace: str
+    #: 1 for the workspace's first stored state, counting up.
+    version: int
+    serial: int
+    lineage: str
+    task_id: int | None
+    created_at: datetime
+    size: int
+    sha256: str
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "workspace": self.workspace,
+            "version": self.version,
+            "serial": self.serial,
+            "lineage": self.lineage,
+            "task_id": self.task_id,
+            "created_at": self.created_at.isoformat(),
+            "size": self.size,
+            "sha256": self.sha256,
+        }
+
+
+def state_versions(session: Session, workspace: str) -> list[StateVersionView]:
+    """``workspace``'s stored states, oldest first (without their content)."""
+    from scheduler.workspaces import load
+
+    ws = load(session, workspace)
+    rows = session.execute(
+        select(
+            StateVersion.serial,
+            StateVersion.lineage,
+            StateVersion.task_id,
+            StateVersion.created_at,
+            StateVersion.size,
+            StateVersion.sha256,
+        )
+        .where(StateVersion.workspace_id == ws.id)
+        .order_by(StateVersion.id)
+    ).all()
+    return [StateVersionView(workspace, n, *row) for n, row in enumerate(rows, start=1)]
+
+
+def state_version(
+    session: Session, workspace: str, number: int | None = None
+) -> tuple[StateVersionView, bytes]:
+    """Version ``number`` of ``workspace``'s state (default: the current one)."""
+    from scheduler.workspaces import load
+
+    ws = load(session, workspace)
+    q = select(StateVersion).where(StateVersion.workspace_id == ws.id)
+    count = len(session.scalars(q.with_only_columns(StateVersion.id)).all())
+    if count == 0:
+        raise NotFound(f"workspace {workspace!r} has no stored state yet")
+    if number is None:
+        number = count
+    if not 1 <= number <= count:
+        raise NotFound(f"workspace {workspace!r} has state versions 1..{count}, not {number}")
+    row = session.scalars(q.order_by(StateVersion.id).offset(number - 1).limit(1)).one()
+    view = StateVersionView(
+        workspace,
+        number,
+        row.serial,
+        row.lineage,
+        row.task_id,
+        row.created_at,
+        row.size,
+        row.sha256,
+    )
+    return view, row.content
 
 
 def store_state(session: Session, report: StateWritten) -> Reply:

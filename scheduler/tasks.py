@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from scheduler import artifacts, messages, outbox, pools
+from scheduler import artifacts, k8s_jobs, messages, outbox, pools
 from scheduler.errors import (
     ConcurrentChange,
     IllegalTransition,
@@ -285,6 +285,7 @@ def cancel(
     for a task whose worker is gone.
     """
     who = actor or rt.actor
+    view: TaskView | None = None
     with rt.transaction() as s:
         task, ws = _load(s, task_id)
         current = TaskStatus(task.status)
@@ -314,23 +315,31 @@ def cancel(
                 log.info(
                     "task %s: cancelled", task_id, extra={"action": "cancel", "task_id": task_id}
                 )
-                return TaskView.of(task, ws)
-        if current not in RUNNING:
-            raise IllegalTransition(
-                f"cannot cancel task {task_id}: it is {current}, which is final"
+                view = TaskView.of(task, ws)
+        if view is None:
+            if current not in RUNNING:
+                raise IllegalTransition(
+                    f"cannot cancel task {task_id}: it is {current}, which is final"
+                )
+            # Running: record the request; the executor stops terraform.
+            s.execute(
+                update(Task)
+                .where(Task.id == task_id, Task.fence == task.fence, Task.status == current)
+                .values(
+                    cancel_requested_at=task.cancel_requested_at or utcnow(),
+                    cancel_requested_by=who,
+                    cancel_force=task.cancel_force or force,
+                )
+                .execution_options(synchronize_session=False)
             )
-        # Running: record the request; the executor stops terraform.
-        s.execute(
-            update(Task)
-            .where(Task.id == task_id, Task.fence == task.fence, Task.status == current)
-            .values(
-                cancel_requested_at=task.cancel_requested_at or utcnow(),
-                cancel_requested_by=who,
-                cancel_force=task.cancel_force or force,
-            )
-            .execution_options(synchronize_session=False)
-        )
         fence = task.fence
+    phase = phase_of(current)
+    if phase is not None:
+        # A Kubernetes Job is deleted now (its pod gets SIGTERM: terraform is
+        # interrupted and saves its state), not at its next heartbeat.
+        k8s_jobs.stop(rt, task_id, phase, fence)
+    if view is not None:
+        return view
     log.info(
         "task %s: cancel%s requested of its running %s",
         task_id,

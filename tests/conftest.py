@@ -34,7 +34,19 @@ PG_ADMIN_URL = os.environ.get(
     "RUNQ_TEST_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
 )
 REDIS_URL = os.environ.get("RUNQ_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
-TABLES = ("state_versions", "service_beats", "task_events", "tasks", "workspaces")
+#: Every table (children first); emptied before each PostgreSQL test.
+TABLES = (
+    "log_chunks",
+    "plan_artifacts",
+    "state_versions",
+    "service_beats",
+    "task_events",
+    "tasks",
+    "configuration_versions",
+    "workspaces",
+    "agents",
+    "agent_pools",
+)
 
 
 # ---------------------------------------------------------------- databases

@@ -481,7 +481,7 @@ def test_failed_handoff_keeps_the_claim_and_the_reconciler_resends_it(
     first = tasks.submit(rt, ws, PA)
     second = tasks.submit(rt, ws, PA)
     broken = FakeLauncher(fail_with=ConnectionError("broker unreachable"))
-    monkeypatch.setattr(dispatcher, "launcher_for", lambda mode, publisher: broken)
+    monkeypatch.setattr(dispatcher, "launcher_for", lambda rt, mode: broken)
     recorder(rt).sent.clear()
 
     d = dispatcher.dispatch(rt, ws)
@@ -496,7 +496,7 @@ def test_failed_handoff_keeps_the_claim_and_the_reconciler_resends_it(
 
     # Not yet due: the reconciler leaves it alone.
     working = FakeLauncher()
-    monkeypatch.setattr(dispatcher, "launcher_for", lambda mode, publisher: working)
+    monkeypatch.setattr(dispatcher, "launcher_for", lambda rt, mode: working)
     assert reconciler.sweep(rt).resent == []
     assert working.launched == []
     # Due: re-sent under the same fence, to the same executor mode.
@@ -520,7 +520,7 @@ def test_failed_handoff_of_a_plan_keeps_the_claim(
 ) -> None:
     plan = tasks.submit(rt, ws, TaskType.PLAN)
     broken = FakeLauncher(fail_with=RuntimeError("no route"))
-    monkeypatch.setattr(dispatcher, "launcher_for", lambda mode, publisher: broken)
+    monkeypatch.setattr(dispatcher, "launcher_for", lambda rt, mode: broken)
     d = dispatcher.claim_plan(rt, plan.id)
     assert (d.action, d.fence) == ("claimed_plan", 1)
     _unstarted_claim(rt, plan.id, S.PLANNING, 1)
@@ -529,7 +529,7 @@ def test_failed_handoff_of_a_plan_keeps_the_claim(
     assert fence(rt, plan.id) == 1
 
     working = FakeLauncher()
-    monkeypatch.setattr(dispatcher, "launcher_for", lambda mode, publisher: working)
+    monkeypatch.setattr(dispatcher, "launcher_for", lambda rt, mode: working)
     set_task(rt, plan.id, handoff_at=ago(rt.settings.resend_after + 1))
     assert reconciler.sweep(rt).resent == [plan.id]
     [h] = working.launched
