@@ -123,7 +123,7 @@ def test_the_stack_as_the_issue_asks() -> None:
             assert service["image"] == "runq:local", name
             assert service["build"]["context"] == ".", name
             assert "volumes" not in service, name
-    for name in ("redis", "postgres", "beat", "flower", "worker"):
+    for name in ("redis", "postgres", "beat", "flower", "worker", "agent"):
         assert "healthcheck" in services[name], name
     assert "-h 127.0.0.1" in " ".join(services["postgres"]["healthcheck"]["test"])
     agent_env = services["agent"]["environment"]

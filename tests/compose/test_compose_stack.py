@@ -20,6 +20,7 @@ import base64
 import json
 import os
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -59,7 +60,7 @@ ARTIFACTS = REPO_ROOT / ".runq" / "compose-test"
 
 
 def agent_command_exists() -> bool:
-    runq = Path(os.environ.get("VIRTUAL_ENV", "")) / "bin" / "runq"
+    runq = Path(sys.executable).parent / "runq"
     argv = [str(runq) if runq.is_file() else "runq", "agent", "--help"]
     return subprocess.run(argv, capture_output=True, check=False).returncode == 0
 
@@ -309,7 +310,10 @@ def test_scaling_workers_while_work_flows(stack: Stack, tmp_path: Path) -> None:
 def test_agents_run_their_pool(stack: Stack, tmp_path: Path) -> None:
     if not agent_command_exists():
         pytest.skip("`runq agent` is not in this checkout yet")
-    assert len(stack.containers("agent")) == AGENTS
+    agents = stack.containers("agent")
+    assert len(agents) == AGENTS
+    for container in agents:
+        wait_for("the agent to be healthy", lambda c=container: stack.health(c) == "healthy", 120)
     workspace(
         stack, tmp_path, "remote", null_resource("r", "1"),
         "--auto-apply", "--mode", "agent", "--agent-pool", POOL,
