@@ -18,8 +18,9 @@ SOCK=$RUN/docker.sock
 PIDFILE=$RUN/dockerd.pid
 LOG=$ROOT/dockerd.log
 
+# By its pid file, and only if that pid is still a dockerd (not a reused pid).
 running() {
-  [[ -f $PIDFILE ]] && kill -0 "$(cat "$PIDFILE")" 2>/dev/null
+  [[ -f $PIDFILE ]] && [[ $(cat "/proc/$(cat "$PIDFILE")/comm" 2>/dev/null) == dockerd ]]
 }
 
 case ${1:-} in
