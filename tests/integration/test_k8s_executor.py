@@ -415,6 +415,7 @@ def test_a_sweep_without_kubernetes_config_goes_on(
     launch(krt, api, handoff)
     broken = tune(k8s_kubeconfig=str(tmp_path / "missing-kubeconfig"))
     assert reconciler.sweep(broken).lost == []
+    assert reconciler.sweep(tune(k8s_resources="not json")).lost == []
     assert status(krt, handoff.task_id) is TaskStatus.PLANNING
 
 
