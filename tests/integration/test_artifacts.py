@@ -16,8 +16,8 @@ from sqlalchemy import func, select, text, update
 
 from executors import archive
 from executors.base import Finished, LogWritten, Reply
-from executors.fake import FAKE_PLAN
-from scheduler import artifacts, bundles, dispatcher, reports, tasks
+from executors.fake import FAKE_PLAN, FakeRunner
+from scheduler import artifacts, bundles, dispatcher, local_runs, reports, tasks
 from scheduler.db import make_engine, upgrade
 from scheduler.errors import ConcurrentChange, InvalidInput
 from scheduler.messages import RecordingPublisher
@@ -303,6 +303,32 @@ def test_an_apply_without_its_saved_plan_is_not_run(rt: Runtime, ws: str) -> Non
         s.execute(text("DELETE FROM plan_artifacts"))
     with pytest.raises(ConcurrentChange, match="no saved plan"), rt.transaction() as s:
         bundles.build(s, rt.settings, tid, decision.fence)
+    # A worker given it fails it at once, saying why (not after every re-send).
+    runner = FakeRunner()
+    assert local_runs.execute(rt, tid, decision.fence, runner) is None
+    assert runner.ran == []
+    view = tasks.get(rt, tid)
+    assert view.status is TaskStatus.FAILED
+    assert view.error == f"cannot run the apply: task {tid} has no saved plan to apply"
+
+
+def test_a_pre_upgrade_task_whose_directory_is_gone_fails_clearly(
+    rt: Runtime, ws: str, src: Path
+) -> None:
+    tid, f = claimed(rt, ws, PA)
+    with rt.transaction() as s:  # queued before configuration versions
+        s.execute(update(Task).where(Task.id == tid).values(config_version_id=None))
+    src.rmdir()
+    runner = FakeRunner()
+    assert local_runs.execute(rt, tid, f, runner) is None
+    assert runner.ran == []
+    view = tasks.get(rt, tid)
+    assert view.status is TaskStatus.FAILED
+    assert view.error == (
+        "cannot run the plan: cannot snapshot workspace 'net': "
+        f"configuration directory {str(src)!r} does not exist"
+    )
+    assert config_id(rt, tid) is None
 
 
 # ------------------------------------------------------------ log chunks
