@@ -64,7 +64,7 @@ def prepare(rt: Runtime, handoff: Handoff) -> Launch:
         spec=JobSpec.of(settings, overrides),
         pool=name,
         run_key=signing.run_key(token, handoff.task_id, handoff.fence),
-        broker_url=settings.resolved_broker_url,
+        broker_url=settings.k8s_broker_url or settings.resolved_broker_url,
     )
 
 
