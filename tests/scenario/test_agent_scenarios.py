@@ -155,30 +155,44 @@ def test_work_spreads_over_workers_and_agents_and_state_follows(cluster: Cluster
         ExecutionMode.LOCAL: c.workspace("state-local", auto_apply=True, mode=ExecutionMode.LOCAL),
         ExecutionMode.AGENT: c.workspace("state-agent", auto_apply=True, mode=ExecutionMode.AGENT),
     }
-    plans = [c.submit(local_plans, "plan").id for _ in range(6)]
-    plans += [c.submit(agent_plans, "plan").id for _ in range(4)]
+    plan_ws = {ExecutionMode.LOCAL: local_plans, ExecutionMode.AGENT: agent_plans}
+    members = {ExecutionMode.LOCAL: WORKERS, ExecutionMode.AGENT: AGENTS}
+    plans: dict[ExecutionMode, list[int]] = {
+        ExecutionMode.LOCAL: [c.submit(local_plans, "plan").id for _ in range(6)],
+        ExecutionMode.AGENT: [c.submit(agent_plans, "plan").id for _ in range(4)],
+    }
     applies: dict[ExecutionMode, list[int]] = {m: [] for m in chains}
     # Plan+applies queue behind each other in their workspace; each plan
-    # and apply may land on any host of its mode. Until each chain has
-    # crossed hosts (a phase on one host after a phase on another) and has
-    # three applies, queue another (they are not steered: this is how often
-    # the broker spread them).
+    # and apply may land on any host of its mode. Nothing steers them: until
+    # each chain has three applies and has crossed hosts (a phase on one host
+    # after a phase on another), queue another plan+apply; until every host
+    # of a mode ran something, queue more plans (rarely needed).
     ran: dict[tuple[int, str], str] = {}
+    by_mode: dict[ExecutionMode, set[str]] = {}
     for _round in range(6):
         for mode, ws in chains.items():
             if len(applies[mode]) < 3 or not crossed(ran, applies[mode]):
                 applies[mode].append(c.submit(ws, "plan_and_apply").id)
-        all_ids = plans + [i for ids in applies.values() for i in ids]
+            if ran and by_mode[mode] != members[mode]:
+                plans[mode] += [c.submit(plan_ws[mode], "plan").id for _ in range(3)]
+        ids = {m: plans[m] + applies[m] for m in chains}
+        all_ids = [i for m in chains for i in ids[m]]
         c.wait(all_ids)
         lives = list(c.lives(all_ids).values())
-        hosts = WORKERS | AGENTS
-        ran = check_each_phase_ran_once(c, lives, hosts)
-        if all(len(applies[m]) >= 3 and crossed(ran, applies[m]) for m in chains):
+        ran = check_each_phase_ran_once(c, lives, WORKERS | AGENTS)
+        by_mode = {
+            m: {host for (task_id, _p), host in ran.items() if task_id in ids[m]} for m in chains
+        }
+        if all(
+            len(applies[m]) >= 3 and crossed(ran, applies[m]) and by_mode[m] == members[m]
+            for m in chains
+        ):
             break
     timeline = describe(lives)
     views = {life.id: life.task for life in lives}
+    all_plans = {i for m in chains for i in plans[m]}
     assert all(
-        v.status is (TaskStatus.SUCCESS if v.id in plans else TaskStatus.APPLIED)
+        v.status is (TaskStatus.SUCCESS if v.id in all_plans else TaskStatus.APPLIED)
         for v in views.values()
     ), timeline
 
@@ -188,12 +202,9 @@ def test_work_spreads_over_workers_and_agents_and_state_follows(cluster: Cluster
 
     # Local phases ran on the core workers, agent phases on the agents, and
     # every one of them took some.
-    by_mode: dict[ExecutionMode, set[str]] = defaultdict(set)
-    local_ids = set(plans[:6]) | set(applies[ExecutionMode.LOCAL])
-    for (task_id, _phase), host in ran.items():
-        by_mode[ExecutionMode.LOCAL if task_id in local_ids else ExecutionMode.AGENT].add(host)
-    assert by_mode[ExecutionMode.LOCAL] == WORKERS, f"{dict(by_mode)}\n{timeline}"
-    assert by_mode[ExecutionMode.AGENT] == AGENTS, f"{dict(by_mode)}\n{timeline}"
+    assert by_mode[ExecutionMode.LOCAL] == WORKERS, f"{by_mode}\n{timeline}"
+    assert by_mode[ExecutionMode.AGENT] == AGENTS, f"{by_mode}\n{timeline}"
+    local_ids = set(ids[ExecutionMode.LOCAL])
     # The handles agree with the wrapper logs on who ran each task's last phase.
     for v in views.values():
         handle = v.executor_handle or ""
@@ -204,23 +215,25 @@ def test_work_spreads_over_workers_and_agents_and_state_follows(cluster: Cluster
     # State carries across hosts: every apply stored a version, serials grow
     # in one lineage, and every plan after the first saw the state the
     # previous apply left (it replaces the resource instead of adding it).
-    for mode, ids in applies.items():
+    for mode, chain in applies.items():
         ws = chains[mode]
         with c.rt.sessions() as s:
             versions = artifacts.state_versions(s, ws)
-        assert [v.task_id for v in versions] == ids, (mode, versions)
+        assert [v.task_id for v in versions] == chain, (mode, versions)
         serials = [v.serial for v in versions]
         assert serials == sorted(set(serials)), (mode, serials)
         assert len({v.lineage for v in versions}) == 1, (mode, versions)
-        first, *later = (views[i] for i in ids)
+        first, *later = (views[i] for i in chain)
         assert (first.add, first.destroy) == (1, 0), first
         assert all((v.add, v.destroy) == (1, 1) for v in later), later
-        assert crossed(ran, ids), f"{mode}: every phase on one host: {chain_hosts(ran, ids)}"
+        assert crossed(ran, chain), f"{mode}: all on one host: {chain_hosts(ran, chain)}"
     print(
         "\nhosts: "
-        + ", ".join(f"{h}={sum(1 for x in ran.values() if x == h)}" for h in sorted(hosts))
+        + ", ".join(
+            f"{h}={sum(1 for x in ran.values() if x == h)}" for h in sorted(WORKERS | AGENTS)
+        )
         + "; chains: "
-        + "; ".join(f"{m}: {chain_hosts(ran, ids)}" for m, ids in applies.items())
+        + "; ".join(f"{m}: {chain_hosts(ran, chain)}" for m, chain in applies.items())
     )
 
 
