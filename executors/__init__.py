@@ -30,4 +30,8 @@ def launcher_for(rt: Runtime, mode: ExecutionMode) -> Launcher:
         from scheduler.remote import AgentLauncher
 
         return AgentLauncher(rt)
+    if mode is ExecutionMode.K8S:
+        from scheduler.k8s_jobs import launcher
+
+        return launcher(rt)
     return NotImplementedLauncher(mode)

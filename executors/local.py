@@ -164,16 +164,18 @@ class PhaseRunner:
             finally:
                 if not self.settings.keep_workdirs:
                     shutil.rmtree(paths.work, ignore_errors=True)
+        # The last of the output first: its reply may be the first to say the
+        # phase is someone else's (an earlier send failed and is retried here).
+        sup.ship_log()
         if result.stopped is StopReason.STALE or sup.stale:
             log.warning(
                 "task %s %s stopped: %s",
                 handoff.task_id,
                 handoff.phase,
-                result.error,
+                result.error or "its fence is stale",
                 extra={"action": "run_superseded", "task_id": handoff.task_id},
             )
             return  # no report would be accepted, and none is owed
-        sup.ship_log()
         reporter.report(Finished(handoff.task_id, handoff.fence, handoff.phase, result, plan=plan))
 
     def run_phase(

@@ -39,6 +39,7 @@ from kombu import Connection, Exchange, Queue
 
 from executors import signing, wire
 from executors.base import Bundle, Heartbeat, Reply, Report
+from executors.k8s import BROKER_FILE, BUNDLE_FILE, POOL_FILE, RUN_KEY_FILE
 
 log = logging.getLogger(__name__)
 
@@ -227,10 +228,8 @@ def request_reply(
 
 # -- running a phase from a bundle directory (a Kubernetes Job's container) ---
 
-BUNDLE_FILE = "bundle.json"
-RUN_KEY_FILE = "run_key"
-POOL_FILE = "pool"
-BROKER_FILE = "broker_url"
+# The files of the Secret a Job mounts (executors.k8s writes them): BUNDLE_FILE,
+# RUN_KEY_FILE, POOL_FILE, BROKER_FILE.
 
 
 def run_phase_from_dir(

@@ -13,15 +13,31 @@ from sqlalchemy.orm import Session
 
 from executors.base import Bundle, Handoff
 from scheduler import artifacts, leases
-from scheduler.errors import ConcurrentChange
+from scheduler.errors import ConcurrentChange, InvalidInput
 from scheduler.models import ConfigurationVersion, Task, Workspace
 from scheduler.settings import Settings
 from scheduler.states import Phase
 
 
+class Unrunnable(ConcurrentChange):
+    """The claim is current, but no executor can ever run it: its apply has
+    no saved plan, or its configuration cannot be snapshotted (a task queued
+    before configuration versions existed, whose directory is gone since).
+
+    A :class:`ConcurrentChange`, so a launcher that only skips stale claims
+    still skips it; an executor that can report fails the phase with it
+    instead, so the task says why at once rather than after every re-send.
+    """
+
+    def __init__(self, handoff: Handoff, message: str) -> None:
+        super().__init__(message)
+        self.handoff = handoff
+
+
 def build(session: Session, settings: Settings, task_id: int, fence: int) -> Bundle:
     """The bundle of ``task_id``'s claim ``fence``; :class:`ConcurrentChange`
-    if that claim is no longer current or was started already."""
+    if that claim is no longer current or was started already,
+    :class:`Unrunnable` if it can never run."""
     handoff = leases.load_handoff(session, settings, task_id, fence)
     task = session.get(Task, task_id)
     ws = session.get(Workspace, task.workspace_id) if task is not None else None
@@ -31,13 +47,16 @@ def build(session: Session, settings: Settings, task_id: int, fence: int) -> Bun
 
 
 def of(session: Session, settings: Settings, task: Task, ws: Workspace, handoff: Handoff) -> Bundle:
-    version = config_of(session, settings, task, ws)
+    try:
+        version = config_of(session, settings, task, ws)
+    except InvalidInput as exc:
+        raise Unrunnable(handoff, str(exc)) from exc
     state = artifacts.latest(session, ws.id)
     plan: bytes | None = None
     if handoff.phase is Phase.APPLY:
         saved = artifacts.plan_of(session, task.id)
         if saved is None:
-            raise ConcurrentChange(f"task {task.id} has no saved plan to apply")
+            raise Unrunnable(handoff, f"task {task.id} has no saved plan to apply")
         plan = saved.content
     return Bundle(
         handoff=replace(handoff, config_sha256=version.sha256),

@@ -64,7 +64,7 @@ def prepare(rt: Runtime, handoff: Handoff) -> Launch:
         spec=JobSpec.of(settings, overrides),
         pool=name,
         run_key=signing.run_key(token, handoff.task_id, handoff.fence),
-        broker_url=settings.resolved_broker_url,
+        broker_url=settings.k8s_broker_url or settings.resolved_broker_url,
     )
 
 
@@ -87,8 +87,9 @@ def watch(rt: Runtime, api: JobApi | None = None) -> list[int]:
     for task, ws in rows:
         phase = phase_of(TaskStatus(task.status))
         assert phase is not None
-        ns, name = JobSpec.of(rt.settings, ws.k8s).namespace, job_name(task.id, phase, task.fence)
+        ns, name = "?", job_name(task.id, phase, task.fence)
         try:
+            ns = JobSpec.of(rt.settings, ws.k8s).namespace
             api = api or job_api(rt.settings)
             outcome = job_outcome(api.read_job(ns, name))
         except Exception as exc:
@@ -176,8 +177,9 @@ def stop(rt: Runtime, task_id: int, phase: Phase, fence: int, api: JobApi | None
         ).one_or_none()
     if row is None or row.execution_mode != ExecutionMode.K8S:
         return
-    ns, name = JobSpec.of(rt.settings, row.k8s).namespace, job_name(task_id, phase, fence)
+    ns, name = "?", job_name(task_id, phase, fence)
     try:
+        ns = JobSpec.of(rt.settings, row.k8s).namespace
         api = api or job_api(rt.settings)
         deleted = api.delete_job(ns, name)
         # The Secret goes with its Job when the Job owns it; not when the API

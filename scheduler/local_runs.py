@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
+import socket
 
-from executors.base import Bundle, Runner
+from executors.base import Bundle, Finished, PhaseResult, Runner, Started
 from scheduler import bundles
 from scheduler.errors import ConcurrentChange, InvalidInput
 from scheduler.reports import DirectReporter
@@ -23,6 +25,9 @@ def execute(rt: Runtime, task_id: int, fence: int, runner: Runner | None = None)
     try:
         with rt.transaction() as s:
             bundle = bundles.build(s, rt.settings, task_id, fence)
+    except bundles.Unrunnable as exc:
+        fail(rt, exc)
+        return None
     except ConcurrentChange as exc:
         log.info(
             "execute(task %s, fence %s) skipped: %s (late, duplicate or forged)",
@@ -40,3 +45,24 @@ def execute(rt: Runtime, task_id: int, fence: int, runner: Runner | None = None)
         runner = PhaseRunner(rt.settings)
     runner.run(bundle, DirectReporter(rt))
     return bundle
+
+
+def fail(rt: Runtime, exc: bundles.Unrunnable) -> None:
+    """End a claim that can never run, through the executor protocol (start,
+    then a failed finish), so the task fails now, saying why, instead of
+    being re-sent until the hand-off attempts run out."""
+    h = exc.handoff
+    reporter = DirectReporter(rt)
+    handle = f"local:{socket.gethostname()}:{os.getpid()}:unrunnable"
+    log.warning(
+        "task %s %s (fence %s) cannot run: %s",
+        h.task_id,
+        h.phase,
+        h.fence,
+        exc,
+        extra={"action": "run_impossible", "task_id": h.task_id},
+    )
+    if not reporter.report(Started(h.task_id, h.fence, h.phase, handle)).accepted:
+        return  # someone else has it now: theirs to end
+    result = PhaseResult(ok=False, error=f"cannot run the {h.phase}: {exc}")
+    reporter.report(Finished(h.task_id, h.fence, h.phase, result))

@@ -106,6 +106,9 @@ class Settings(BaseSettings):
     k8s_job_ttl: int = Field(default=3600, ge=0)
     #: A kubeconfig file; empty means in-cluster config, then ~/.kube/config.
     k8s_kubeconfig: str = ""
+    #: The broker URL as the Jobs' pods reach it (it goes in each Job's
+    #: Secret); empty means the scheduler's own.
+    k8s_broker_url: str = ""
 
     @field_validator("dispatch_mode", mode="before")
     @classmethod

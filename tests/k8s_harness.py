@@ -13,12 +13,15 @@ controllers. So :func:`run_job` plays the Job controller and the kubelet:
 3. run the container's command as a local process, with the mount path in
    its args pointing at that directory and the container's env on top of
    the test's;
-4. patch the Job's status: ``Complete``, or ``Failed`` with
+4. while it runs, watch the Job: if it is deleted (a cancel), SIGTERM the
+   process and SIGKILL it after the pod's termination grace, as the kubelet
+   would;
+5. patch the Job's status: ``Complete``, or ``Failed`` with
    ``BackoffLimitExceeded`` (``backoffLimit`` is 0), as the real controller
-   would.
+   would (not for a deleted Job).
 
-What that leaves out (images, scheduling, mounts, RBAC, SIGTERM on
-deletion, garbage collection by owner, TTL, deadlines) the README lists.
+What that leaves out (images, scheduling, real mounts, users and file
+modes, RBAC, garbage collection by owner, TTL, deadlines) the README lists.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import base64
 import os
 import subprocess
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -169,6 +173,8 @@ class JobRun:
     bundle_dir: Path
     returncode: int
     output: str
+    #: The Job was deleted while its container ran (it got SIGTERM).
+    deleted: bool = False
 
 
 def run_job(
@@ -198,16 +204,16 @@ def run_job(
     full_env = {**(env if env is not None else os.environ)}
     full_env.update({e["name"]: e["value"] for e in container.get("env", [])})
     full_env["RUNQ_DATA_DIR"] = str(workdir / "data")
-    done = subprocess.run(
-        argv,
-        env=full_env,
-        cwd=workdir,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
-    if done.returncode == 0:
+    grace = float(job["spec"]["template"]["spec"].get("terminationGracePeriodSeconds", 30))
+    log = workdir / "output.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            argv, env=full_env, cwd=workdir, stdout=out, stderr=subprocess.STDOUT, text=True
+        )
+        deleted = _supervise(api, namespace, name, proc, grace, timeout)
+    if deleted:
+        pass  # nothing left to update, as for the real controller
+    elif proc.returncode == 0:
         set_condition(api, namespace, name, "Complete", "Completed")
     else:
         set_condition(
@@ -218,4 +224,33 @@ def run_job(
             "BackoffLimitExceeded",
             "Job has reached the specified backoff limit",
         )
-    return JobRun(job, mount, done.returncode, done.stdout + done.stderr)
+    return JobRun(job, mount, proc.returncode, log.read_text(), deleted)
+
+
+def _supervise(
+    api: JobApi,
+    namespace: str,
+    name: str,
+    proc: subprocess.Popen[str],
+    grace: float,
+    timeout: float,
+) -> bool:
+    """Wait for the container; as the kubelet does when its Job is deleted
+    (background propagation), SIGTERM it, then SIGKILL after its grace.
+    Whether the Job was deleted."""
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None:
+        if time.monotonic() > deadline:
+            proc.kill()
+            proc.wait()
+            raise TimeoutError(f"Job {name}'s container ran over {timeout}s")
+        if api.read_job(namespace, name) is None:
+            proc.terminate()
+            try:
+                proc.wait(grace)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            return True
+        time.sleep(0.2)
+    return api.read_job(namespace, name) is None

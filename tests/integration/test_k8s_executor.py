@@ -9,6 +9,7 @@ import base64
 import json
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -32,12 +33,23 @@ from executors.k8s import (
     job_name,
     label_value,
 )
-from scheduler import dispatcher, k8s_jobs, leases, reconciler, reports, tasks, workspaces
+from scheduler import (
+    artifacts,
+    dispatcher,
+    k8s_jobs,
+    leases,
+    reconciler,
+    remote,
+    reports,
+    tasks,
+    workspaces,
+)
 from scheduler.models import AgentPool, Task, Workspace
 from scheduler.runtime import Runtime
 from scheduler.states import Phase, TaskStatus, TaskType
 from tests.integration.helpers import PLAN_WITH_CHANGES, chain, status
 from tests.k8s_harness import Emulator, emulator, job_dict, run_job, set_condition
+from tests.workers import clean_env
 
 pytestmark = pytest.mark.redis
 
@@ -403,6 +415,7 @@ def test_a_sweep_without_kubernetes_config_goes_on(
     launch(krt, api, handoff)
     broken = tune(k8s_kubeconfig=str(tmp_path / "missing-kubeconfig"))
     assert reconciler.sweep(broken).lost == []
+    assert reconciler.sweep(tune(k8s_resources="not json")).lost == []
     assert status(krt, handoff.task_id) is TaskStatus.PLANNING
 
 
@@ -453,3 +466,56 @@ def test_a_bundle_too_large_for_a_secret_is_refused(krt: Runtime, api: JobApi, s
     with pytest.raises(BundleTooLarge, match="a Kubernetes Secret holds at most 1048576"):
         launch(krt, api, handoff)
     assert job_names(api) == []
+
+
+# ---------------------------------------------------------------- end to end
+
+
+@pytest.fixture
+def consumer(krt: Runtime) -> Iterator[None]:
+    """The scheduler's report consumer, as every core worker runs it."""
+    stop = threading.Event()
+    thread = threading.Thread(target=remote.serve, args=(krt, stop), kwargs={"poll": 0.2})
+    thread.start()
+    yield
+    stop.set()
+    thread.join(10)
+
+
+@pytest.mark.terraform
+def test_a_plan_and_apply_runs_end_to_end_as_jobs(
+    krt: Runtime,
+    api: JobApi,
+    src: Path,
+    tmp_path: Path,
+    consumer: None,
+    terraform_bin: str,
+    terraform_env: dict[str, str],
+) -> None:
+    """Hand-off through ``launcher_for``, the Job's real command
+    (``runq run-phase``) run as the controller would, signed reports over
+    the broker, and the reconciler finding nothing owed."""
+    (src / "main.tf").write_text('output "greeting" { value = "hello from a Job" }\n')
+    workspaces.create(krt, "net", mode="k8s", source_dir=str(src), auto_apply=True)
+    task = tasks.submit(krt, "net", TaskType.PLAN_AND_APPLY)
+    host = clean_env({"RUNQ_TERRAFORM_BIN": terraform_bin, **terraform_env})
+
+    dispatcher.dispatch(krt, "net")  # the claim's hand-off makes the Job
+    plan = current(krt, task.id)
+    run = run_job(api, NS, job_name(task.id, Phase.PLAN, plan.fence), tmp_path / "plan", env=host)
+    assert run.returncode == 0, run.output
+    assert status(krt, task.id) is TaskStatus.APPLY_QUEUED
+
+    dispatcher.dispatch(krt, "net")  # the apply, on whichever host its Job lands
+    apply = current(krt, task.id)
+    name = job_name(task.id, Phase.APPLY, apply.fence)
+    run = run_job(api, NS, name, tmp_path / "apply", env=host)
+    assert run.returncode == 0, run.output
+    assert status(krt, task.id) is TaskStatus.APPLIED
+    with krt.sessions() as s:
+        state = artifacts.latest(s, s.scalars(select(Workspace.id)).one())
+        handle = s.scalars(select(Task.executor_handle).where(Task.id == task.id)).one()
+    assert state is not None and b"hello from a Job" in state.content
+    assert handle is not None and handle.startswith("k8s:")
+    assert reconciler.sweep(krt).lost == []
+    assert job_names(api) == sorted([job_name(task.id, Phase.PLAN, plan.fence), name])

@@ -575,3 +575,26 @@ def test_terraform_does_not_see_runqs_secrets(
     }
     assert (env["RUNQ_TASK_ID"], env["RUNQ_PHASE"], env["RUNQ_FENCE"]) == ("7", str(phase), "3")
     assert env["TF_VAR_region"] == "eu-west-1"
+
+
+def test_a_stale_reply_to_the_last_output_sends_no_finished(tmp_path: Path) -> None:
+    """The output of the last command failed to send (the database blinked),
+    and is re-sent before Finished: if that says the phase is someone
+    else's now, Finished is not sent."""
+    r = rig(tmp_path, "exit 0\n")
+    sent = {"logs": 0}
+
+    def answer(report: Report, _beats: int) -> Reply:
+        if isinstance(report, LogWritten):
+            sent["logs"] += 1
+            if sent["logs"] == 3:  # after `show`, the last command
+                raise ConnectionError("the database blinked")
+            if sent["logs"] > 3:
+                return Reply.stale("re-claimed meanwhile")
+        return Reply.ok()
+
+    reporter = ScriptedReporter(answer)
+    r.run(r.bundle(), reporter)
+    assert sent["logs"] == 4
+    assert reporter.finished == []
+    assert not reporter.log[-1].reply.accepted

@@ -4,7 +4,10 @@ Each test module gets its own cluster (workers started once per module) and
 says which with module attributes: ``CLUSTER_MODE`` (a DispatchMode),
 ``CLUSTER_REDIS_DB`` (a database of the private redis-server no other module
 uses) and optionally ``CLUSTER_DATABASE = "sqlite"`` (default: the session's
-PostgreSQL database).
+PostgreSQL database), ``CLUSTER_WORKERS`` (default 2),
+``CLUSTER_SEPARATE_HOSTS`` (a data directory per worker; default False),
+``CLUSTER_AGENTS`` / ``CLUSTER_AGENT_CAPACITY`` (``runq agent`` processes,
+default none) and ``CLUSTER_EXECUTION_MODE`` (the workspaces' default mode).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from typing import Any
 import pytest
 
 from scheduler.db import make_engine, upgrade
+from scheduler.states import ExecutionMode
 from tests.scenario.cluster import Cluster, redis_db, start_cluster
 from tests.workers import RedisServer
 
@@ -44,6 +48,11 @@ def cluster(
         root=root,
         terraform_bin=terraform_bin,
         terraform_env=terraform_env,
+        workers=getattr(module, "CLUSTER_WORKERS", 2),
+        separate_hosts=getattr(module, "CLUSTER_SEPARATE_HOSTS", False),
+        agents=getattr(module, "CLUSTER_AGENTS", 0),
+        agent_capacity=getattr(module, "CLUSTER_AGENT_CAPACITY", 2),
+        execution_mode=getattr(module, "CLUSTER_EXECUTION_MODE", ExecutionMode.LOCAL),
     ) as c:
         yield c
 
@@ -58,5 +67,6 @@ def pytest_runtest_makereport(
         return
     cluster = getattr(item, "funcargs", {}).get("cluster")
     if isinstance(cluster, Cluster):
-        for name, text in cluster.pool.logs().items():
-            report.sections.append((f"celery worker {name} log (last lines)", text))
+        for name, text in cluster.logs().items():
+            what = "runq agent" if name.startswith("a") else "celery worker"
+            report.sections.append((f"{what} {name} log (last lines)", text))
