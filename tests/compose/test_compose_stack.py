@@ -9,7 +9,8 @@ runq CLI runs on the host against the stack; the workspaces' directories
 exist on the host only.
 
 The tests run in file order on one stack: services and their health, plans
-and plan+applies, a worker killed mid-apply and one killed mid-plan, scaling
+and plan+applies, the CLI in a one-off container as the README shows it, a
+worker killed mid-apply and one killed mid-plan, scaling
 while work flows, agents, and last the mounts of every container that ran.
 Every wait is a bounded poll of the database or of Docker; none is a sleep.
 """
@@ -214,6 +215,23 @@ def test_plans_and_plan_applies(stack: Stack, tmp_path: Path) -> None:
     again = submit(stack, "net", "plan")
     assert wait_settled(stack, [again], 120)[again] == "success"
     assert stack.runq("show", str(again))["has_changes"] is False
+
+
+def test_cli_in_a_one_off_container(stack: Stack, tmp_path: Path) -> None:
+    """The README's way to submit: the CLI in a `docker compose run` of the
+    migrate service, the directory mounted read-only for that container only."""
+    src = tmp_path / "oneoff"
+    src.mkdir()
+    (src / "main.tf").write_text(null_resource("r", "1"))
+    src.chmod(0o755)
+    mount = f"{src}:/config/oneoff:ro"
+
+    def cli(*args: str) -> str:
+        return stack.compose("run", "--rm", "--no-deps", "-v", mount, "migrate", "runq", *args)
+
+    cli("workspace", "create", "oneoff", "--dir", "/config/oneoff", "--auto-apply")
+    run = int(json.loads(cli("submit", "oneoff", "--type", "plan_and_apply", "--json"))["id"])
+    assert wait_settled(stack, [run], 180)[run] == "applied"
 
 
 def test_worker_killed_mid_apply_fails_it_and_never_reruns(stack: Stack, tmp_path: Path) -> None:
