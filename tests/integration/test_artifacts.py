@@ -106,6 +106,11 @@ def test_an_oversized_directory_is_refused_at_submit(
     assert message.startswith("cannot snapshot workspace 'net': configuration directory")
     assert "bytes compressed, over the limit of 4096 bytes" in message
     assert "RUNQ_MAX_CONFIG_BYTES" in message
+    # Far over it before compression: refused without compressing it all.
+    (src / "blob.bin").write_bytes(b"\0" * 64 * 1024)
+    message = refused_unchanged(small, ws)
+    assert "before compression, far over the limit of 4096 bytes" in message
+    assert "RUNQ_MAX_CONFIG_BYTES" in message
     # The default limit takes it.
     assert tasks.submit(rt, ws, TaskType.PLAN).status is TaskStatus.PENDING
 
