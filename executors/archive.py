@@ -100,7 +100,10 @@ def pack_files(members: Iterable[tuple[str, Path]], limit: int, *, what: str) ->
             if info.isfile():
                 total += info.size
                 if total > 8 * limit:  # even gzip will not bring this under the limit
-                    raise ArchiveError(f"{what} is over {limit} bytes")
+                    raise ArchiveError(
+                        f"{what} is over {total} bytes before compression, "
+                        f"far over the limit of {limit} bytes"
+                    )
                 with path.open("rb") as fh:
                     tar.addfile(info, fh)
             else:
