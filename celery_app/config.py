@@ -1,4 +1,9 @@
-"""Settings -> Celery configuration, and queue routing."""
+"""Settings -> Celery configuration, and queue routing.
+
+Two brokers are supported: Redis (the default, ``RUNQ_REDIS_URL``) and
+RabbitMQ (``RUNQ_BROKER_URL=amqp://...``). Redis holds the workspace lock
+either way. What differs by broker is kept in :func:`_broker_specific`.
+"""
 
 from __future__ import annotations
 
@@ -36,20 +41,24 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_send_task_events": True,
         "task_send_sent_event": True,
         # A worker must not hoard messages it cannot start: with prefetch 1 a
-        # long terraform run holds one message, not four.
+        # long terraform run holds one message, not four. But prefetch counts
+        # unacknowledged messages, and `execute` is acknowledged when it
+        # starts, so on its own this still lets a worker whose processes all
+        # run terraform reserve claims and dispatches it cannot start for
+        # minutes while other workers sit idle. How each broker is kept from
+        # that: see _broker_specific.
         "worker_prefetch_multiplier": 1,
-        # ...but prefetch 1 counts unacknowledged messages, and `execute` is
-        # acknowledged when it starts: a worker whose processes all run
-        # terraform would still reserve claim and dispatch messages it cannot
-        # start for minutes, while other workers sit idle. Fetch only into a
-        # free process (Redis broker; Celery >= 5.6).
-        "worker_disable_prefetch": True,
         # One direct exchange per queue: a bare Queue(name) would bind every
         # queue to the default queue's exchange and routing key, so a publish
         # to that exchange would land in all three.
+        # Durable exchanges and queues and persistent messages (Celery's
+        # default delivery mode): a RabbitMQ restart keeps what was queued.
+        # Redis keeps it only as far as its own persistence is configured.
         "task_queues": [
-            Queue(name, Exchange(name, "direct"), routing_key=name) for name in ALL_QUEUES
+            Queue(name, Exchange(name, "direct", durable=True), routing_key=name, durable=True)
+            for name in ALL_QUEUES
         ],
+        "task_default_delivery_mode": "persistent",
         "task_default_queue": QUEUE_DISPATCH,
         "task_routes": {
             TASK_CLAIM_PLAN: {"queue": QUEUE_PLANS},
@@ -65,4 +74,45 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # Beat's bookkeeping lives with runq's other files, not in the cwd.
         "beat_schedule_filename": str(settings.data_dir.resolve() / "celerybeat-schedule"),
         "worker_hijack_root_logger": True,
+        **_broker_specific(settings.resolved_broker_url),
     }
+
+
+#: URL schemes of the brokers runq knows (kombu's names for them).
+AMQP_SCHEMES = frozenset({"amqp", "amqps", "pyamqp"})
+REDIS_SCHEMES = frozenset({"redis", "rediss"})
+
+
+def broker_kind(url: str) -> str:
+    """``"redis"``, ``"amqp"``, or the URL's scheme for any other broker."""
+    scheme = url.split("://", 1)[0].lower() if "://" in url else url.lower()
+    if scheme in AMQP_SCHEMES:
+        return "amqp"
+    if scheme in REDIS_SCHEMES:
+        return "redis"
+    return scheme
+
+
+def _broker_specific(url: str) -> dict[str, Any]:
+    kind = broker_kind(url)
+    if kind == "redis":
+        return {
+            # Fetch only into a free process (Celery >= 5.6; Redis transport
+            # only: on any other broker Celery logs a warning and ignores it).
+            "worker_disable_prefetch": True,
+        }
+    if kind == "amqp":
+        return {
+            # Publisher confirms: a publish returns once RabbitMQ has taken
+            # the message (persisted it, for our durable queues), and raises
+            # when it did not (a nack, or the channel closed under it, e.g.
+            # by a deleted exchange). Without them a basic.publish is
+            # fire-and-forget, and a message the broker dropped would look
+            # sent; the outbox and the reconciler rely on a failed send
+            # raising.
+            "broker_transport_options": {"confirm_publish": True},
+            # No worker_disable_prefetch here: RabbitMQ pushes up to the
+            # channel's prefetch count, so celery_app.prefetch shrinks that
+            # count while `execute` runs terraform instead.
+        }
+    return {}

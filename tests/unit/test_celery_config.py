@@ -5,8 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from celery_app import tasks
-from celery_app.config import celery_config
+from celery_app.config import broker_kind, celery_config
 from scheduler import messages
 from scheduler.settings import Settings
 
@@ -65,3 +67,52 @@ def test_beat_sweeps_itself_and_schedules_nothing_on_the_workers() -> None:
         getattr(receiver(), "__name__", None) == _start_reconciler.__name__
         for _, receiver in beat_init.receivers
     )
+
+
+@pytest.mark.parametrize(
+    ("url", "kind"),
+    [
+        ("redis://127.0.0.1:6379/0", "redis"),
+        ("rediss://cache:6380/1", "redis"),
+        ("amqp://guest:guest@127.0.0.1:5672//", "amqp"),
+        ("AMQPS://mq/vhost", "amqp"),
+        ("pyamqp://mq//", "amqp"),
+        ("sqs://", "sqs"),
+    ],
+)
+def test_broker_kind_from_the_url_scheme(url: str, kind: str) -> None:
+    assert broker_kind(url) == kind
+
+
+def test_redis_broker_fetches_only_into_a_free_process_and_has_no_confirms() -> None:
+    conf = celery_config(Settings(redis_url="redis://a:1/0"))
+    assert conf["worker_disable_prefetch"] is True
+    assert "broker_transport_options" not in conf
+
+
+def test_amqp_broker_confirms_publishes_and_leaves_prefetch_to_the_run_slots() -> None:
+    conf = celery_config(Settings(redis_url="redis://a:1/0", broker_url="amqp://b//"))
+    assert conf["broker_transport_options"] == {"confirm_publish": True}
+    # Celery ignores worker_disable_prefetch on amqp, with a warning in every
+    # worker's log; celery_app.prefetch does that job there.
+    assert "worker_disable_prefetch" not in conf
+    assert conf["worker_prefetch_multiplier"] == 1
+
+
+@pytest.mark.parametrize("url", ["redis://a:1/0", "amqp://b//"])
+def test_every_queue_is_durable_on_its_own_direct_exchange(url: str) -> None:
+    conf = celery_config(Settings(broker_url=url))
+    for queue in conf["task_queues"]:
+        assert queue.durable is True
+        assert (queue.exchange.name, queue.exchange.type) == (queue.name, "direct")
+        assert queue.exchange.durable is True
+        assert queue.routing_key == queue.name
+    assert conf["task_default_delivery_mode"] == "persistent"
+
+
+def test_execute_keeps_its_prefetch_slot_while_it_runs() -> None:
+    from celery_app.app import app
+    from celery_app.prefetch import ExecuteRequest, HoldRunSlots
+
+    assert tasks.execute.Request is ExecuteRequest
+    assert HoldRunSlots in app.steps["consumer"]
