@@ -28,7 +28,7 @@ from pathlib import Path
 from celery import Celery
 from redis import Redis
 
-from celery_app.config import celery_config
+from celery_app.config import broker_kind, celery_config
 from celery_app.runtime import CeleryPublisher
 from scheduler import messages, tasks, workspaces
 from scheduler.api import wait
@@ -199,11 +199,14 @@ def start_cluster(
     terraform_bin: str,
     terraform_env: dict[str, str],
     workers: int = 2,
+    broker_url: str = "",
+    concurrency: int = 3,
 ) -> Iterator[Cluster]:
     """Start ``workers`` real Celery workers and a client; stop them after.
 
     ``redis_url`` must name a Redis database no one else uses: it is flushed,
-    then serves as the broker and the workspace lock.
+    then holds the workspace lock and, unless ``broker_url`` names another
+    (a RabbitMQ vhost no one else uses), serves as the broker.
     """
     flush = Redis.from_url(redis_url)
     flush.flushdb()
@@ -214,6 +217,7 @@ def start_cluster(
     settings = Settings(
         database_url=database_url,
         redis_url=redis_url,
+        broker_url=broker_url,
         data_dir=data_dir,
         terraform_bin=str(slow),
         dispatch_mode=mode,
@@ -222,6 +226,7 @@ def start_cluster(
         **terraform_env,
         "RUNQ_DATABASE_URL": database_url,
         "RUNQ_REDIS_URL": redis_url,
+        "RUNQ_BROKER_URL": broker_url,
         "RUNQ_DATA_DIR": str(data_dir),
         "RUNQ_TERRAFORM_BIN": str(slow),
         "RUNQ_DISPATCH_MODE": str(mode),
@@ -229,7 +234,7 @@ def start_cluster(
         "SLOW_TF_PLAN_SECONDS": "0",
         "SLOW_TF_APPLY_SECONDS": "0",
     }
-    pool = WorkerPool(workers, env, root / "logs")
+    pool = WorkerPool(workers, env, root / "logs", concurrency=concurrency)
     app = Celery(f"runq-scenario-{mode}", set_as_current=False)
     app.conf.update(celery_config(settings))
     rt = Runtime(settings=settings, publisher=CeleryPublisher(app), actor="scenario-test")
@@ -242,11 +247,14 @@ def start_cluster(
         quiet=quiet,
         app=app,
         src_root=root / "src",
-        prefix=f"{mode}-{secrets.token_hex(3)}",
+        prefix=f"{mode}-{broker_kind(settings.resolved_broker_url)}-{secrets.token_hex(3)}",
     )
     started = time.monotonic()
     pool.start()
-    print(f"\n{workers} {mode}-mode workers ready in {time.monotonic() - started:.1f}s")
+    print(
+        f"\n{workers} {mode}-mode workers on {broker_kind(settings.resolved_broker_url)} "
+        f"ready in {time.monotonic() - started:.1f}s"
+    )
     try:
         yield cluster
     finally:

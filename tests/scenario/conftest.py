@@ -4,7 +4,11 @@ Each test module gets its own cluster (workers started once per module) and
 says which with module attributes: ``CLUSTER_MODE`` (a DispatchMode),
 ``CLUSTER_REDIS_DB`` (a database of the private redis-server no other module
 uses) and optionally ``CLUSTER_DATABASE = "sqlite"`` (default: the session's
-PostgreSQL database).
+PostgreSQL database) and ``CLUSTER_BROKERS`` (default ``("redis",)``): with
+``("redis", "amqp")`` every test of the module runs on both brokers, one
+cluster each; the amqp cluster's broker is a private vhost on the machine's
+RabbitMQ (Redis still holds the lock). ``CLUSTER_WORKERS`` and
+``CLUSTER_CONCURRENCY`` (default 2 workers of 3 processes) size it.
 """
 
 from __future__ import annotations
@@ -17,12 +21,19 @@ import pytest
 
 from scheduler.db import make_engine, upgrade
 from tests.scenario.cluster import Cluster, redis_db, start_cluster
-from tests.workers import RedisServer
+from tests.workers import RabbitMQ, RedisServer
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "cluster" in metafunc.fixturenames:
+        brokers = getattr(metafunc.module, "CLUSTER_BROKERS", ("redis",))
+        metafunc.parametrize("broker", brokers, scope="module")
 
 
 @pytest.fixture(scope="module")
 def cluster(
     request: pytest.FixtureRequest,
+    broker: str,
     private_redis: RedisServer,
     tmp_path_factory: pytest.TempPathFactory,
     terraform_bin: str,
@@ -37,6 +48,11 @@ def cluster(
         engine.dispose()
     else:
         url = str(request.getfixturevalue("pg_database_url"))
+    rabbitmq: RabbitMQ | None = None
+    broker_url = ""
+    if broker == "amqp":
+        rabbitmq = request.getfixturevalue("rabbitmq")
+        broker_url = rabbitmq.vhost()
     with start_cluster(
         mode=module.CLUSTER_MODE,
         database_url=url,
@@ -44,8 +60,13 @@ def cluster(
         root=root,
         terraform_bin=terraform_bin,
         terraform_env=terraform_env,
+        broker_url=broker_url,
+        workers=getattr(module, "CLUSTER_WORKERS", 2),
+        concurrency=getattr(module, "CLUSTER_CONCURRENCY", 3),
     ) as c:
         yield c
+    if rabbitmq is not None:
+        rabbitmq.delete(broker_url)
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -2,7 +2,7 @@
 that runs its event loop the way Celery's asynloop does: the pending
 ``basic.qos`` first, then the callbacks deferred with ``call_soon``. The real
 thing, on RabbitMQ with busy workers, is measured in
-tests/scenario/test_amqp_prefetch.py."""
+tests/scenario/test_busy_worker.py."""
 
 from __future__ import annotations
 
