@@ -48,6 +48,12 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # minutes while other workers sit idle. How each broker is kept from
         # that: see _broker_specific.
         "worker_prefetch_multiplier": 1,
+        # On a lost broker connection, let running claims and dispatches
+        # finish: their late acks fail and the broker re-delivers them, and a
+        # second run of either is a stale hint. Killing them mid-transaction
+        # would gain nothing. (Celery 5.7 still logs a pending-deprecation
+        # warning on each reconnect with this off.)
+        "worker_cancel_long_running_tasks_on_connection_loss": False,
         # One direct exchange per queue: a bare Queue(name) would bind every
         # queue to the default queue's exchange and routing key, so a publish
         # to that exchange would land in all three.
@@ -113,6 +119,9 @@ def _broker_specific(url: str) -> dict[str, Any]:
             "broker_transport_options": {"confirm_publish": True},
             # No worker_disable_prefetch here: RabbitMQ pushes up to the
             # channel's prefetch count, so celery_app.prefetch shrinks that
-            # count while `execute` runs terraform instead.
+            # count while `execute` runs terraform instead. It owns the count:
+            # Celery's own cut after a reconnect (by every running task, then
+            # raised step by step as tasks end) would fight it.
+            "worker_enable_prefetch_count_reduction": False,
         }
     return {}

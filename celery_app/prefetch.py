@@ -13,16 +13,22 @@ RabbitMQ Celery ignores that setting.
 So, in the worker's main process, each ``execute`` keeps holding its slot
 from its acknowledgement until it ends:
 
-* the ack is deferred by one turn of the event loop, and the lower prefetch
+* the ack is deferred to the event loop's next turn, and the lower prefetch
   count is applied in between (the loop sends ``basic.qos`` before running
-  deferred callbacks), so RabbitMQ never sees the slot free;
+  deferred callbacks), so RabbitMQ never sees the slot free. A turn can take
+  up to the :data:`TICK` (the loop polls until its next timer), so a
+  connection lost in that second finds the ack unsent and RabbitMQ
+  re-delivers the ``execute``: seen in tests/scenario/test_busy_worker.py,
+  and harmless, as any duplicate hand-off is (the start is once per fence);
 * when every process runs terraform, the task consumer is cancelled
   (``basic.cancel``), because RabbitMQ reads a prefetch count of 0 as
   "unlimited"; it consumes again once a process is free;
 * a tick every :data:`TICK` seconds gives back the slots of runs that ended.
 
-What is left: a message pushed in the instant between a plain task's ack
-and the next accept can still wait behind a run that starts then; the
+After a lost connection the new consumer starts with the runs still going
+held against it (:meth:`RunSlots.attach`). What is left: a message pushed in
+the instant between a plain task's ack and the next accept can still wait
+behind a run that starts then; the
 reconciler re-sends a claim or hand-off that waits longer than
 ``RUNQ_RESEND_AFTER`` (another worker takes it; the late copy is then a
 stale hint), and a dispatch is re-sent every sweep while work waits.
@@ -57,10 +63,22 @@ class RunSlots:
         return self.consumer is not None and self.consumer.hub is not None
 
     def attach(self, consumer: Any) -> None:
-        # A (re)connected consumer starts consuming at the full prefetch
-        # count; runs that outlived the old connection still hold theirs.
+        """Take over a (re)connected consumer before it starts consuming.
+
+        Celery sets it to the full prefetch count, but runs that outlived
+        the old connection still hold their slots: the count is lowered now
+        (we run before the event loop, so a blocking basic.qos is fine), and
+        if no process is free its first basic.consume is held back until one
+        is, or RabbitMQ would push messages before the loop's first turn.
+        """
         self.consumer, self.paused = consumer, False
+        if consumer.qos is None:
+            return
         self._apply()
+        consumer.qos.update()
+        if self.free <= 0:
+            self.paused = True
+            consumer.task_consumer.consume = _not_yet
 
     def detach(self) -> None:
         self.consumer = None
@@ -83,7 +101,8 @@ class RunSlots:
     @property
     def free(self) -> int:
         """Processes not running terraform (the consumer's full prefetch
-        count is one message per process)."""
+        count is one message per process; Celery's own reduction after a
+        reconnect is off on amqp, see celery_app.config)."""
         return int(self.consumer.initial_prefetch_count) - len(self.held)
 
     def _apply(self, then: Callable[[], None] | None = None) -> None:
@@ -118,7 +137,12 @@ class RunSlots:
             log.debug("every process runs terraform: not consuming until one is free")
             c.task_consumer.cancel()
         else:
+            vars(c.task_consumer).pop("consume", None)  # attach()'s _not_yet
             c.task_consumer.consume()
+
+
+def _not_yet(*_: Any, **__: Any) -> None:
+    """A paused consumer's basic.consume (RunSlots resumes it)."""
 
 
 #: The main process's slots (a worker has one task consumer).

@@ -150,3 +150,26 @@ def test_without_a_consumer_the_ack_goes_at_once() -> None:
     slots = RunSlots()
     assert slots.hold("x", lambda: None) is False  # the caller acks itself
     assert slots.held == set()
+
+
+def test_a_reconnect_with_every_process_busy_consumes_only_once_one_is_free(
+    running: set[str],
+) -> None:
+    wire = Wire()
+    slots = RunSlots()
+    slots.attach(make_consumer(wire, processes=2))
+    for run in ("a", "b"):
+        running.add(run)
+        slots.hold(run, lambda: None)
+    fresh = make_consumer(wire, processes=2)
+    wire.sent.clear()
+    slots.attach(fresh)  # Celery's bootstep start, before the event loop
+    assert wire.sent == ["basic.qos 1"]
+    fresh.task_consumer.consume()  # what asynloop does next: held back
+    turn(fresh)
+    assert wire.sent == ["basic.qos 1"]
+
+    running.discard("a")
+    slots.tick()
+    turn(fresh)
+    assert wire.sent == ["basic.qos 1", "basic.consume"]
