@@ -12,7 +12,7 @@ import logging
 from typing import Any
 
 from celery import Celery
-from celery.signals import beat_init, worker_process_init, worker_shutting_down
+from celery.signals import beat_init, worker_process_init, worker_ready, worker_shutting_down
 
 from celery_app.config import celery_config
 from celery_app.prefetch import HoldRunSlots
@@ -143,3 +143,25 @@ def _reconcile_forever() -> None:
         )
         first = False
         time.sleep(max(0.0, interval - (time.monotonic() - started)))
+
+
+@worker_ready.connect
+def _start_report_consumer(sender: Any = None, **_: Any) -> None:
+    """Every core worker applies remote executors' reports (``runq.reports``)
+    on a thread of its main process, for the reconciler's reason: as a task,
+    a heartbeat would wait for a free pool process, and when every process
+    runs terraform, agents' leases would lapse for want of one."""
+    import os
+    import threading
+
+    from scheduler import remote
+
+    if getattr(sender, "app", None) is not app:
+        return  # an agent's worker (another app in this process)
+    rt = build_runtime(app, settings(), actor=f"reports@{_hostname()}")
+    # Pool processes forked later (a replaced child) must not use, or close,
+    # this thread's database connections.
+    os.register_at_fork(after_in_child=rt.after_fork)
+    stop = threading.Event()
+    threading.Thread(target=remote.serve, args=(rt, stop), name="runq-reports", daemon=True).start()
+    log.info("consuming executor reports", extra={"action": "report_consumer_started"})

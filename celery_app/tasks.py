@@ -20,9 +20,8 @@ from sqlalchemy.exc import DBAPIError
 
 from celery_app.app import app, runtime
 from celery_app.prefetch import ExecuteRequest
-from executors.local import LocalRunner
-from scheduler import dispatcher, leases, reconciler
-from scheduler.errors import ConcurrentChange, InvalidInput
+from scheduler import dispatcher, local_runs, reconciler
+from scheduler.errors import InvalidInput
 from scheduler.messages import (
     TASK_CLAIM_PLAN,
     TASK_DISPATCH,
@@ -31,9 +30,8 @@ from scheduler.messages import (
     check_id,
     check_workspace,
 )
-from scheduler.reports import DirectReporter, is_transient
+from scheduler.reports import is_transient
 from scheduler.runtime import Runtime
-from scheduler.states import ExecutionMode
 
 log = logging.getLogger(__name__)
 
@@ -116,24 +114,7 @@ def execute(task_id: Any, fence: Any = None) -> None:
     if not _args("execute", lambda: (check_id(task_id, "task id"), check_id(fence, "fence"))):
         return
     what = f"execute(task {task_id}, fence {fence})"
-
-    def run(rt: Runtime) -> None:
-        try:
-            with rt.sessions() as s:
-                handoff = leases.load_handoff(s, rt.settings, task_id, fence)
-        except ConcurrentChange as exc:
-            log.info(
-                "%s skipped: %s (late, duplicate or forged)",
-                what,
-                exc,
-                extra={"action": "execute_skipped", "task_id": task_id},
-            )
-            return
-        if handoff.mode is not ExecutionMode.LOCAL:
-            raise InvalidInput(f"the runs queue got a {handoff.mode} task; only local runs here")
-        LocalRunner(rt.settings).run(handoff, DirectReporter(rt))
-
-    _guarded(what, run)
+    _guarded(what, lambda rt: local_runs.execute(rt, task_id, fence))
 
 
 @app.task(name=TASK_RECONCILE, acks_late=True)

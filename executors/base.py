@@ -15,6 +15,7 @@ slow or resurrected executor cannot move a task it no longer owns.
 
 from __future__ import annotations
 
+import base64
 from dataclasses import asdict, dataclass
 from enum import StrEnum
 from typing import Any, Protocol
@@ -43,6 +44,8 @@ class Handoff:
     agent_pool: str | None = None
     #: Seconds this phase may run (the workspace's or the default timeout).
     timeout: float | None = None
+    #: The configuration version both phases run (its tar.gz's SHA-256).
+    config_sha256: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -123,14 +126,30 @@ class StateWritten:
 
 
 @dataclass(frozen=True)
+class LogWritten:
+    """Terraform printed more output: ``content`` starts at byte ``offset``
+    of the phase's log. Stored once per offset, so a re-sent chunk is
+    harmless, and readable from any host (``runq logs``)."""
+
+    task_id: int
+    fence: int
+    phase: Phase
+    offset: int
+    content: bytes
+
+
+@dataclass(frozen=True)
 class Finished:
     task_id: int
     fence: int
     phase: Phase
     result: PhaseResult
+    #: A plan's saved plan (the plan file and the provider lock file, a
+    #: tar.gz), which its apply will apply on whatever host takes it.
+    plan: bytes | None = None
 
 
-Report = Started | Heartbeat | StateWritten | Finished
+Report = Started | Heartbeat | StateWritten | LogWritten | Finished
 
 
 class Directive(StrEnum):
@@ -172,13 +191,60 @@ class Reporter(Protocol):
         """
         ...
 
-    def current_state(self, handoff: Handoff) -> bytes | None:
-        """The workspace's newest stored Terraform state, if any."""
-        ...
+
+@dataclass(frozen=True)
+class Bundle:
+    """Everything one phase needs, so it can run on any host with no shared
+    disk: the hand-off, the configuration snapshot, the workspace's state and,
+    for an apply, the saved plan.
+
+    Local mode builds it from the database when the phase starts; agent and
+    Kubernetes modes get it in their (signed) hand-off.
+    """
+
+    handoff: Handoff
+    #: The configuration version (tar.gz).
+    config: bytes
+    #: The workspace's newest state when the bundle was built.
+    state: bytes | None = None
+    #: The plan artifact an apply applies (None for a plan).
+    plan: bytes | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "handoff": self.handoff.to_json(),
+            "config": _b64(self.config),
+            "state": _b64(self.state),
+            "plan": _b64(self.plan),
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Bundle:
+        config = _unb64(data["config"])
+        if config is None:
+            raise ValueError("bundle has no configuration")
+        return cls(
+            handoff=Handoff.from_json(data["handoff"]),
+            config=config,
+            state=_unb64(data.get("state")),
+            plan=_unb64(data.get("plan")),
+        )
+
+
+def _b64(data: bytes | None) -> str | None:
+    return None if data is None else base64.b64encode(data).decode("ascii")
+
+
+def _unb64(text: object) -> bytes | None:
+    if text is None:
+        return None
+    if not isinstance(text, str):
+        raise TypeError(f"expected base64 text, got {type(text).__name__}")
+    return base64.b64decode(text, validate=True)
 
 
 class Runner(Protocol):
-    def run(self, handoff: Handoff, reporter: Reporter) -> None:
+    def run(self, bundle: Bundle, reporter: Reporter) -> None:
         """Run one phase, reporting :class:`Started` then :class:`Finished`."""
         ...
 

@@ -1,19 +1,24 @@
 """Fakes that ship beside the real executors, for tests and dry runs.
 
-:class:`FakeRunner` honours the same contract as :class:`executors.local.LocalRunner`
+:class:`FakeRunner` honours the same contract as :class:`executors.local.PhaseRunner`
 (start report first, stop if it is rejected, one finish report with the same
-fence) without running terraform; the contract suite in
-``tests/unit/test_executor_contract.py`` runs against both.
+fence, a saved plan with a plan that an apply will apply) without running
+terraform; the contract suite in ``tests/unit/test_executor_contract.py``
+runs against both.
 """
 
 from __future__ import annotations
 
+import gzip
+import io
 import secrets
+import tarfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from executors.base import (
+    Bundle,
     Changes,
     Directive,
     Finished,
@@ -31,9 +36,53 @@ DEFAULT_PLAN = PhaseResult(ok=True, has_changes=True, changes=Changes(add=1))
 DEFAULT_APPLY = PhaseResult(ok=True)
 
 
+def _tar_gz(files: dict[str, bytes]) -> bytes:
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, content in sorted(files.items()):
+            info = tarfile.TarInfo(name)
+            info.size = len(content)
+            info.mode = 0o644
+            tar.addfile(info, io.BytesIO(content))
+    out = io.BytesIO()
+    with gzip.GzipFile(fileobj=out, mode="wb", mtime=0) as gz:
+        gz.write(raw.getvalue())
+    return out.getvalue()
+
+
+#: A configuration version for bundles no terraform will read.
+FAKE_CONFIG = _tar_gz({"main.tf": b"# runq fake configuration\n"})
+#: The saved plan a FakeRunner's plan sends (a tar.gz, as a real one is).
+FAKE_PLAN = _tar_gz({"runq.tfplan": b"fake saved plan\n"})
+
+
+def bundle_of(handoff: Handoff, *, state: bytes | None = None, plan: bytes | None = None) -> Bundle:
+    """A bundle around ``handoff`` for a runner that reads no configuration
+    (an apply gets :data:`FAKE_PLAN` unless ``plan`` is given)."""
+    if plan is None and handoff.phase is Phase.APPLY:
+        plan = FAKE_PLAN
+    return Bundle(handoff=handoff, config=FAKE_CONFIG, state=state, plan=plan)
+
+
+def needs_plan(handoff: Handoff, result: PhaseResult) -> bool:
+    """Does this phase's Finished owe the scheduler a saved plan? (A plan
+    that an apply will apply: not speculative, succeeded, has changes.)"""
+    return (
+        handoff.phase is Phase.PLAN
+        and not handoff.speculative
+        and result.ok
+        and result.stopped is None
+        and bool(result.has_changes)
+    )
+
+
 @dataclass
 class FakeRunner:
-    """Reports scripted results; ``script`` maps a handoff to its result."""
+    """Reports scripted results; ``script`` maps a handoff to its result.
+
+    A plan that an apply will apply sends :data:`FAKE_PLAN` as its saved plan,
+    as :class:`~executors.local.PhaseRunner` sends the real one.
+    """
 
     script: Callable[[Handoff], PhaseResult] = lambda h: (
         DEFAULT_PLAN if h.phase is Phase.PLAN else DEFAULT_APPLY
@@ -41,16 +90,19 @@ class FakeRunner:
     #: Seconds each phase "runs", heartbeating every ``heartbeat`` seconds.
     duration: float = 0.0
     heartbeat: float = 0.1
+    #: The hand-offs of the bundles whose start was accepted, in order.
     ran: list[Handoff] = field(default_factory=list)
+    bundles: list[Bundle] = field(default_factory=list)
 
-    def run(self, handoff: Handoff, reporter: Reporter) -> None:
-        # Unique per run, as LocalRunner's: the scheduler accepts a retried
+    def run(self, bundle: Bundle, reporter: Reporter) -> None:
+        handoff = h = bundle.handoff
+        # Unique per run, as PhaseRunner's: the scheduler accepts a retried
         # Started of the same run, so two runs must not share a handle.
         handle = f"fake:{handoff.task_id}:{handoff.phase}:{secrets.token_hex(3)}"
-        h = handoff
         if not reporter.report(Started(h.task_id, h.fence, h.phase, handle)).accepted:
             return
         self.ran.append(handoff)
+        self.bundles.append(bundle)
         deadline = time.monotonic() + self.duration
         while time.monotonic() < deadline:
             # Heartbeat as a real runner does, and obey a stop the same way.
@@ -63,7 +115,9 @@ class FakeRunner:
                 reporter.report(Finished(h.task_id, h.fence, h.phase, result))
                 return
             time.sleep(min(self.heartbeat, max(0.0, deadline - time.monotonic())))
-        reporter.report(Finished(h.task_id, h.fence, h.phase, self.script(handoff)))
+        result = self.script(handoff)
+        plan = FAKE_PLAN if needs_plan(handoff, result) else None
+        reporter.report(Finished(h.task_id, h.fence, h.phase, result, plan=plan))
 
 
 @dataclass

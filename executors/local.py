@@ -1,16 +1,17 @@
-"""Local mode: a runq worker runs terraform in a subprocess.
+"""Running one phase of terraform from a bundle, on any host.
 
-Layout under ``RUNQ_DATA_DIR``::
+Every execution mode runs a phase the same way: local mode in a runq worker,
+agent mode in an agent, Kubernetes mode in a Job's container. The phase's
+inputs come in a :class:`~executors.base.Bundle` (the configuration version,
+the workspace's state, the saved plan for an apply) and its outputs go back
+in reports (the state terraform writes, the saved plan, the output), so no
+disk is shared between hosts, or between the plan and the apply.
 
-    work/<task_id>/plan-<fence>/   working copy of one plan attempt (and of the
-                                   apply of the plan that was accepted)
-    .../runq.tfplan                the saved plan a plan+apply applies
-    .../runq.tfstate               this phase's private copy of the state
-    logs/<task_id>/<phase>.log     stdout and stderr of every command
+Layout under ``RUNQ_DATA_DIR`` (this host's own)::
 
-The workspace's state is not on this disk: it is stored by the scheduler
-(:mod:`scheduler.artifacts`), fetched at the start of each phase, and every
-state an apply writes is reported back within a moment of the write.
+    work/<task>-<phase>-<fence>-<run>/   the phase's working copy, removed
+                                         when the phase ends
+    logs/<task>/<phase>-<fence>.log      this host's copy of the output
 
 Hazards and what guards them:
 
@@ -19,14 +20,15 @@ Hazards and what guards them:
   state in its working copy; plans also pass ``-lock=false``, and only an
   apply's state writes are reported.
 * A failed, cancelled or interrupted apply may still have created resources:
-  every state it wrote is stored, so the next plan sees them.
-* An apply must apply exactly what was reviewed: it runs the saved plan file;
-  terraform refuses it if the state moved since the plan.
-* A superseded attempt must not touch the live one's files. A plan executor
-  paused past its lease and resumed after the plan was re-claimed would
-  otherwise re-copy the working copy under the running apply. Each plan
-  attempt has its own working copy, named by its fence; the apply's claim is
-  the only claim after the accepted plan's, so it uses ``fence - 1``'s.
+  every state it wrote is reported and stored, so the next plan sees them.
+* An apply must apply exactly what was reviewed: it runs the saved plan file
+  from the plan artifact, with the plan's provider lock file; terraform
+  refuses it if the state moved since the plan.
+* A superseded attempt must not touch the live one's files: every run has
+  its own working copy, named by its fence and a random run id.
+* Secrets must not reach terraform: the configuration (and any provider or
+  ``local-exec`` in it) runs with the environment minus runq's own settings,
+  so it cannot read the database URL or a pool's token.
 * Process supervision (heartbeats, cancel, timeouts, parent death, SIGTERM)
   is :mod:`executors.runner`'s, shared by every mode.
 """
@@ -43,7 +45,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from executors import archive
 from executors.base import (
+    Bundle,
     Changes,
     Finished,
     Handoff,
@@ -62,8 +66,7 @@ log = logging.getLogger(__name__)
 PLAN_FILE = "runq.tfplan"
 STATE_FILE = "runq.tfstate"
 OVERRIDE_FILE = "runq_override.tf"
-#: Copying these from the source dir would leak another run's init or state.
-IGNORED = shutil.ignore_patterns(".terraform", "*.tfstate", "*.tfstate.*", "*.tfplan")
+LOCK_FILE = ".terraform.lock.hcl"
 
 
 class LocalLauncher:
@@ -93,19 +96,12 @@ class Paths:
         return self.work / STATE_FILE
 
     @classmethod
-    def of(cls, settings: Settings, handoff: Handoff) -> Paths:
-        # Between the accepted plan and its apply, the only claim is the
-        # apply's own (apply_queued -> applying): it holds plan fence + 1.
-        plan_fence = handoff.fence if handoff.phase is Phase.PLAN else handoff.fence - 1
+    def of(cls, settings: Settings, handoff: Handoff, run: str) -> Paths:
+        h = handoff
         return cls(
-            work=working_copy(settings, handoff.task_id, plan_fence),
-            log=settings.logs_dir / str(handoff.task_id) / f"{handoff.phase}.log",
+            work=settings.work_dir / f"{h.task_id}-{h.phase}-{h.fence}-{run}",
+            log=settings.logs_dir / str(h.task_id) / f"{h.phase}-{h.fence}.log",
         )
-
-
-def working_copy(settings: Settings, task_id: int, plan_fence: int) -> Path:
-    """The working copy of ``task_id``'s plan attempt under ``plan_fence``."""
-    return settings.work_dir / str(task_id) / f"plan-{plan_fence}"
 
 
 class CommandFailed(Exception):
@@ -114,15 +110,22 @@ class CommandFailed(Exception):
         self.returncode = returncode
 
 
-class LocalRunner:
-    """Runs one phase with the real terraform binary, supervised."""
+class PhaseRunner:
+    """Runs one phase of a bundle with the real terraform binary, supervised.
 
-    def __init__(self, settings: Settings) -> None:
+    ``kind`` names the execution mode in the executor handle (``local``,
+    ``agent:<id>``, ``k8s:<pod>``).
+    """
+
+    def __init__(self, settings: Settings, *, kind: str = "local") -> None:
         self.settings = settings
+        self.kind = kind
 
-    def run(self, handoff: Handoff, reporter: Reporter) -> None:
+    def run(self, bundle: Bundle, reporter: Reporter) -> None:
+        handoff = bundle.handoff
+        run = secrets.token_hex(3)
         # Unique per run: a retried Started (its reply lost) is recognised.
-        handle = f"local:{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+        handle = f"{self.kind}:{socket.gethostname()}:{os.getpid()}:{run}"
         if not reporter.report(
             Started(handoff.task_id, handoff.fence, handoff.phase, handle)
         ).accepted:
@@ -133,7 +136,7 @@ class LocalRunner:
                 extra={"action": "run_abandoned", "task_id": handoff.task_id},
             )
             return
-        paths = Paths.of(self.settings, handoff)
+        paths = Paths.of(self.settings, handoff, run)
         paths.log.parent.mkdir(parents=True, exist_ok=True)
         sup = Supervisor(
             handoff,
@@ -148,37 +151,48 @@ class LocalRunner:
             env=self._env(handoff),
             state_file=None if handoff.phase is Phase.PLAN else paths.state,
         )
+        plan: bytes | None = None
         with sup.shutdown_as_interrupt():
             try:
-                result = self.run_phase(handoff, reporter, sup, paths)
+                result, plan = self.run_phase(bundle, sup, paths)
             except Stopped as exc:
                 result = PhaseResult(ok=False, error=str(exc), stopped=exc.reason)
             except Exception as exc:
                 # Not a terraform failure (those are results): runq itself broke.
                 log.exception("task %s: executor error", handoff.task_id)
                 result = PhaseResult(ok=False, error=f"executor error: {type(exc).__name__}: {exc}")
-        if result.stopped is StopReason.STALE:
+            finally:
+                if not self.settings.keep_workdirs:
+                    shutil.rmtree(paths.work, ignore_errors=True)
+        # The last of the output first: its reply may be the first to say the
+        # phase is someone else's (an earlier send failed and is retried here).
+        sup.ship_log()
+        if result.stopped is StopReason.STALE or sup.stale:
             log.warning(
                 "task %s %s stopped: %s",
                 handoff.task_id,
                 handoff.phase,
-                result.error,
+                result.error or "its fence is stale",
                 extra={"action": "run_superseded", "task_id": handoff.task_id},
             )
             return  # no report would be accepted, and none is owed
-        reporter.report(Finished(handoff.task_id, handoff.fence, handoff.phase, result))
+        reporter.report(Finished(handoff.task_id, handoff.fence, handoff.phase, result, plan=plan))
 
     def run_phase(
-        self, handoff: Handoff, reporter: Reporter, sup: Supervisor, paths: Paths
-    ) -> PhaseResult:
+        self, bundle: Bundle, sup: Supervisor, paths: Paths
+    ) -> tuple[PhaseResult, bytes | None]:
+        handoff = bundle.handoff
         try:
+            self._prepare(bundle, sup, paths)
             if handoff.phase is Phase.PLAN:
-                return self._plan(handoff, reporter, sup, paths)
-            return self._apply(reporter, sup, paths, handoff)
+                return self._plan(handoff, sup, paths)
+            return self._apply(sup), None
         except CommandFailed as exc:
             sup.check()  # a command that failed because runq stopped it
             log.info("task %s: %s", handoff.task_id, exc, extra={"action": "terraform_failed"})
-            return PhaseResult(ok=False, error=str(exc))
+            return PhaseResult(ok=False, error=str(exc)), None
+        except archive.ArchiveError as exc:
+            return PhaseResult(ok=False, error=str(exc)), None
         except FileNotFoundError as exc:
             if exc.filename != self.settings.terraform_bin:
                 raise
@@ -186,10 +200,12 @@ class LocalRunner:
                 ok=False,
                 error=f"terraform binary {self.settings.terraform_bin!r} not found "
                 "(install it or set RUNQ_TERRAFORM_BIN)",
-            )
+            ), None
 
     def _env(self, handoff: Handoff) -> dict[str, str]:
-        env = dict(os.environ)
+        # runq's own settings hold the database URL and pool tokens: the
+        # configuration's providers and provisioners must not see them.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RUNQ_")}
         env.update(
             CHECKPOINT_DISABLE="1",
             TF_IN_AUTOMATION="1",
@@ -201,21 +217,24 @@ class LocalRunner:
         )
         return env
 
-    def _plan(
-        self, handoff: Handoff, reporter: Reporter, sup: Supervisor, paths: Paths
-    ) -> PhaseResult:
-        if not handoff.source_dir or not Path(handoff.source_dir).is_dir():
-            return PhaseResult(
-                ok=False, error=f"source directory {handoff.source_dir!r} does not exist"
-            )
+    def _prepare(self, bundle: Bundle, sup: Supervisor, paths: Paths) -> None:
+        """The working copy: the configuration version, runq's backend
+        override, the stored state and (for an apply) the saved plan."""
         if paths.work.exists():
-            shutil.rmtree(paths.work)  # left over; only the start-once winner gets here
-        paths.work.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copytree(handoff.source_dir, paths.work, ignore=IGNORED)
+            shutil.rmtree(paths.work)
+        archive.unpack(bundle.config, paths.work)
         (paths.work / OVERRIDE_FILE).write_text(
             f'terraform {{\n  backend "local" {{\n    path = "{STATE_FILE}"\n  }}\n}}\n'
         )
-        sup.seed_state(reporter.current_state(handoff))
+        if bundle.handoff.phase is Phase.APPLY:
+            if bundle.plan is None:
+                raise archive.ArchiveError("the hand-off of an apply carries no saved plan")
+            archive.unpack(bundle.plan, paths.work)
+        sup.seed_state(bundle.state)
+
+    def _plan(
+        self, handoff: Handoff, sup: Supervisor, paths: Paths
+    ) -> tuple[PhaseResult, bytes | None]:
         self._terraform(sup, "init", ["-input=false", "-no-color"])
         args = ["-input=false", "-no-color", "-detailed-exitcode", f"-out={PLAN_FILE}"]
         if handoff.speculative:
@@ -224,14 +243,23 @@ class LocalRunner:
         proc = self._terraform(sup, "show", ["-json", "-no-color", PLAN_FILE], capture=True)
         changes = summarize_plan(json.loads(proc.stdout))
         # -detailed-exitcode: 2 means changes, resources or outputs alike.
-        return PhaseResult(ok=True, has_changes=plan.returncode == 2, changes=changes)
+        result = PhaseResult(ok=True, has_changes=plan.returncode == 2, changes=changes)
+        if handoff.speculative or not result.has_changes:
+            return result, None  # nothing will apply it
+        members = [(PLAN_FILE, paths.work / PLAN_FILE)]
+        if (paths.work / LOCK_FILE).is_file():
+            members.append((LOCK_FILE, paths.work / LOCK_FILE))
+        try:
+            artifact = archive.pack_files(
+                members, self.settings.max_artifact_bytes, what="the saved plan"
+            )
+        except archive.ArchiveError as exc:
+            return PhaseResult(ok=False, error=f"{exc} (RUNQ_MAX_ARTIFACT_BYTES)"), None
+        return result, artifact
 
-    def _apply(
-        self, reporter: Reporter, sup: Supervisor, paths: Paths, handoff: Handoff
-    ) -> PhaseResult:
-        if not (paths.work / PLAN_FILE).is_file():
-            return PhaseResult(ok=False, error=f"saved plan {paths.work / PLAN_FILE} is missing")
-        sup.seed_state(reporter.current_state(handoff))
+    def _apply(self, sup: Supervisor) -> PhaseResult:
+        # init installs the providers the plan's lock file names, on this host.
+        self._terraform(sup, "init", ["-input=false", "-no-color"])
         self._terraform(sup, "apply", ["-input=false", "-no-color", "-auto-approve", PLAN_FILE])
         return PhaseResult(ok=True)
 

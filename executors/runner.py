@@ -50,6 +50,7 @@ from executors.base import (
     Directive,
     Handoff,
     Heartbeat,
+    LogWritten,
     Reply,
     Reporter,
     StateWritten,
@@ -61,6 +62,8 @@ log = logging.getLogger(__name__)
 _PR_SET_PDEATHSIG = 1
 #: How often a running command is looked at (exit, state file, signals).
 TICK = 0.2
+#: The largest piece of output sent in one report.
+LOG_CHUNK = 256 * 1024
 
 
 @dataclass(frozen=True)
@@ -127,6 +130,8 @@ class Supervisor:
         self._shutdown = threading.Event()
         self._state_seen: tuple[int, int] | None = None
         self._state_serial: int | None = None
+        #: Bytes of the log already sent to the scheduler.
+        self._log_sent = 0
 
     # -- the worker's SIGTERM -------------------------------------------------
 
@@ -189,6 +194,7 @@ class Supervisor:
             out.seek(0)
             stdout = out.read() if capture else ""
         self.watch_state()
+        self.ship_log()
         self.check()
         return Completed(returncode, stdout)
 
@@ -218,6 +224,7 @@ class Supervisor:
             )
         if now - self._last_beat >= self.timing.heartbeat_interval:
             self._last_beat = now
+            self.ship_log()
             self._obey(proc, self._beat())
         self.watch_state()
         if self.stale:
@@ -295,6 +302,44 @@ class Supervisor:
     def _signal(proc: subprocess.Popen[bytes], sig: int) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, sig)
+
+    # -- output -----------------------------------------------------------------
+
+    def ship_log(self) -> None:
+        """Send the scheduler the output written since the last call, so it
+        can be read (and followed) from any host. Best effort: a failure is
+        retried at the next call, from the same offset."""
+        if self.stale:
+            return
+        try:
+            size = self.log_path.stat().st_size
+        except FileNotFoundError:
+            return
+        h = self.handoff
+        while self._log_sent < size:
+            with self.log_path.open("rb") as fh:
+                fh.seek(self._log_sent)
+                data = fh.read(min(LOG_CHUNK, size - self._log_sent))
+            if not data:
+                return
+            try:
+                reply = self.reporter.report(
+                    LogWritten(h.task_id, h.fence, h.phase, self._log_sent, data)
+                )
+            except Exception as exc:
+                log.warning(
+                    "task %s: sending output failed (%s: %s); retrying later",
+                    h.task_id,
+                    type(exc).__name__,
+                    exc,
+                    extra={"action": "log_send_failed", "task_id": h.task_id},
+                )
+                return
+            if not reply.accepted:
+                if reply.directive is Directive.KILL:
+                    self._stop, self._stop_detail = StopReason.STALE, reply.reason
+                return
+            self._log_sent += len(data)
 
     # -- state ----------------------------------------------------------------
 

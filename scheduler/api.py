@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 from sqlalchemy.orm import Session
 
@@ -59,6 +60,7 @@ class Client:
         agent_pool: str | None = None,
         plan_timeout: float | None = None,
         apply_timeout: float | None = None,
+        k8s: dict[str, Any] | None = None,
     ) -> WorkspaceView:
         return workspaces.create(
             self.runtime,
@@ -69,6 +71,7 @@ class Client:
             agent_pool=agent_pool,
             plan_timeout=plan_timeout,
             apply_timeout=apply_timeout,
+            k8s=k8s,
         )
 
     def submit(
@@ -102,6 +105,14 @@ class Client:
         """Cancel ``task_id``; a running phase is interrupted (``force``: killed).
         Returns at once; :meth:`wait` for the task to end."""
         return tasks.cancel(self.runtime, task_id, force=force)
+
+    def logs(self, task_id: int) -> dict[str, str]:
+        """The stored output of each phase of ``task_id`` that has any."""
+        from scheduler import artifacts
+
+        with self.session() as s:
+            texts = {p: artifacts.log_text(s, task_id, p) for p in ("plan", "apply")}
+        return {p: t.decode("utf-8", errors="replace") for p, t in texts.items() if t}
 
     def events(self, task_ids: Sequence[int] | None = None) -> list[EventView]:
         return tasks.events(self.runtime, task_ids)

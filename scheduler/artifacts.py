@@ -1,4 +1,8 @@
-"""Stored artifacts: the Terraform state of each workspace, versioned.
+"""Stored artifacts: configuration versions, saved plans, log chunks, and
+the Terraform state of each workspace, versioned.
+
+Everything a phase reads or leaves is here, not on a worker's disk, so a
+plan made on one host is applied on another and a wiped host loses nothing.
 
 The newest ``state_versions`` row of a workspace *is* its state. Executors
 fetch it at the start of a phase and report every state terraform writes
@@ -19,12 +23,18 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
 
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from executors.base import Reply, StateWritten
-from scheduler.models import StateVersion, Task
+from executors import archive
+from executors.base import LogWritten, Reply, StateWritten
+from scheduler.errors import InvalidInput, NotFound
+from scheduler.models import ConfigurationVersion, LogChunk, PlanArtifact, StateVersion, Task
 from scheduler.states import TaskStatus
 
 log = logging.getLogger(__name__)
@@ -37,6 +47,80 @@ def latest(session: Session, workspace_id: int) -> StateVersion | None:
         .order_by(StateVersion.id.desc())
         .limit(1)
     ).first()
+
+
+@dataclass(frozen=True)
+class StateVersionView:
+    workspace: str
+    #: 1 for the workspace's first stored state, counting up.
+    version: int
+    serial: int
+    lineage: str
+    task_id: int | None
+    created_at: datetime
+    size: int
+    sha256: str
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "workspace": self.workspace,
+            "version": self.version,
+            "serial": self.serial,
+            "lineage": self.lineage,
+            "task_id": self.task_id,
+            "created_at": self.created_at.isoformat(),
+            "size": self.size,
+            "sha256": self.sha256,
+        }
+
+
+def state_versions(session: Session, workspace: str) -> list[StateVersionView]:
+    """``workspace``'s stored states, oldest first (without their content)."""
+    from scheduler.workspaces import load
+
+    ws = load(session, workspace)
+    rows = session.execute(
+        select(
+            StateVersion.serial,
+            StateVersion.lineage,
+            StateVersion.task_id,
+            StateVersion.created_at,
+            StateVersion.size,
+            StateVersion.sha256,
+        )
+        .where(StateVersion.workspace_id == ws.id)
+        .order_by(StateVersion.id)
+    ).all()
+    return [StateVersionView(workspace, n, *row) for n, row in enumerate(rows, start=1)]
+
+
+def state_version(
+    session: Session, workspace: str, number: int | None = None
+) -> tuple[StateVersionView, bytes]:
+    """Version ``number`` of ``workspace``'s state (default: the current one)."""
+    from scheduler.workspaces import load
+
+    ws = load(session, workspace)
+    q = select(StateVersion).where(StateVersion.workspace_id == ws.id)
+    count = len(session.scalars(q.with_only_columns(StateVersion.id)).all())
+    if count == 0:
+        raise NotFound(f"workspace {workspace!r} has no stored state yet")
+    if number is None:
+        number = count
+    if not 1 <= number <= count:
+        raise NotFound(f"workspace {workspace!r} has state versions 1..{count}, not {number}")
+    row = session.scalars(q.order_by(StateVersion.id).offset(number - 1).limit(1)).one()
+    view = StateVersionView(
+        workspace,
+        number,
+        row.serial,
+        row.lineage,
+        row.task_id,
+        row.created_at,
+        row.size,
+        row.sha256,
+    )
+    return view, row.content
 
 
 def store_state(session: Session, report: StateWritten) -> Reply:
@@ -89,3 +173,129 @@ def store_state(session: Session, report: StateWritten) -> Reply:
         extra={"action": "state_stored", "task_id": report.task_id, "serial": report.serial},
     )
     return Reply.ok()
+
+
+# -- configuration versions ------------------------------------------------
+
+
+def snapshot(source_dir: str | None, limit: int, workspace: str) -> bytes:
+    """The configuration version of ``source_dir``: refused with a clear
+    error if it is missing or over ``limit`` bytes (nothing is stored)."""
+    if not source_dir:
+        raise InvalidInput(f"workspace {workspace!r} has no configuration directory (--dir)")
+    try:
+        return archive.pack_dir(Path(source_dir), limit)
+    except archive.ArchiveError as exc:
+        hint = " (RUNQ_MAX_CONFIG_BYTES sets it)" if "limit" in str(exc) else ""
+        raise InvalidInput(f"cannot snapshot workspace {workspace!r}: {exc}{hint}") from exc
+
+
+def store_config(session: Session, workspace_id: int, content: bytes) -> ConfigurationVersion:
+    """The stored version with ``content``'s digest, stored now if new."""
+    digest = archive.sha256(content)
+
+    def find() -> ConfigurationVersion | None:
+        return session.scalars(
+            select(ConfigurationVersion).where(
+                ConfigurationVersion.workspace_id == workspace_id,
+                ConfigurationVersion.sha256 == digest,
+            )
+        ).first()
+
+    found = find()
+    if found is not None:
+        return found
+    version = ConfigurationVersion(
+        workspace_id=workspace_id, sha256=digest, size=len(content), content=content
+    )
+    try:
+        # A savepoint: two submits of the same new snapshot race on the
+        # unique index, and the loser uses the winner's row.
+        with session.begin_nested():
+            session.add(version)
+    except IntegrityError:
+        found = find()
+        if found is None:
+            raise
+        return found
+    return version
+
+
+# -- saved plans --------------------------------------------------------------
+
+
+def store_plan(session: Session, task: Task, fence: int, content: bytes) -> None:
+    """Keep ``content`` as ``task``'s saved plan (the caller holds the task's
+    current fence, checked in the same transaction)."""
+    row = session.get(PlanArtifact, task.id)
+    if row is None:
+        row = PlanArtifact(task_id=task.id)
+        session.add(row)
+    row.fence = fence
+    row.sha256 = archive.sha256(content)
+    row.size = len(content)
+    row.content = content
+    session.flush()
+
+
+def plan_of(session: Session, task_id: int) -> PlanArtifact | None:
+    return session.get(PlanArtifact, task_id)
+
+
+# -- logs ---------------------------------------------------------------------
+
+
+def store_log(session: Session, report: LogWritten) -> Reply:
+    """Keep a chunk of a phase's output (once per offset) under its fence."""
+    task = session.get(Task, report.task_id)
+    if task is None:
+        return Reply.stale(f"task {report.task_id} does not exist")
+    if task.fence != report.fence:
+        return Reply.stale(f"fence {report.fence} is stale (the task holds {task.fence})")
+    exists = session.scalar(
+        select(LogChunk.id).where(
+            LogChunk.task_id == report.task_id,
+            LogChunk.phase == str(report.phase),
+            LogChunk.fence == report.fence,
+            LogChunk.offset == report.offset,
+        )
+    )
+    if exists is None:
+        try:
+            with session.begin_nested():
+                session.add(
+                    LogChunk(
+                        task_id=report.task_id,
+                        phase=str(report.phase),
+                        fence=report.fence,
+                        offset=report.offset,
+                        content=report.content,
+                    )
+                )
+        except IntegrityError:
+            pass  # the same chunk, stored by a retry that raced this one
+    return Reply.ok()
+
+
+def log_text(session: Session, task_id: int, phase: str | None = None) -> bytes:
+    """A task's stored output, phase by phase, latest claim of each phase."""
+    rows = session.execute(
+        select(LogChunk.phase, LogChunk.fence, LogChunk.offset, LogChunk.content)
+        .where(LogChunk.task_id == task_id)
+        .order_by(LogChunk.id)
+    ).all()
+    latest_fence: dict[str, int] = {}
+    for ph, fence, _, _ in rows:
+        latest_fence[ph] = max(fence, latest_fence.get(ph, fence))
+    out = bytearray()
+    for ph in ("plan", "apply"):
+        if phase is not None and ph != phase:
+            continue
+        chunks = sorted((o, c) for p, f, o, c in rows if p == ph and f == latest_fence.get(ph))
+        end = 0
+        for offset, content in chunks:
+            if offset + len(content) <= end:
+                continue
+            out += content[max(0, end - offset) :]
+            end = offset + len(content)
+    return bytes(out)

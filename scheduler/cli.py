@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 import click
 
-from scheduler.errors import NotFound, SchedulerError
+from scheduler.errors import InvalidInput, NotFound, SchedulerError
 from scheduler.settings import Settings
 from scheduler.states import RUNNING, ExecutionMode
 from scheduler.views import EventView, TaskView, WorkspaceView
@@ -172,9 +172,20 @@ def _print_workspace(ws: WorkspaceView) -> None:
 @command(workspace)
 @click.argument("name")
 @click.option("--mode", type=click.Choice([m.value for m in ExecutionMode]), default="local")
-@click.option("--dir", "source_dir", type=click.Path(), help="Terraform configuration (local).")
+@click.option(
+    "--dir",
+    "source_dir",
+    type=click.Path(),
+    help="Terraform configuration; snapshotted at each submit, so executors never need it.",
+)
 @click.option("--auto-apply", is_flag=True, help="Apply without waiting for confirmation.")
 @click.option("--agent-pool", help="Agent pool name (agent mode).")
+@click.option(
+    "--k8s",
+    "k8s_json",
+    help="Kubernetes settings this workspace overrides, as JSON "
+    '(e.g. \'{"namespace": "tf", "image": "runq:1"}\'; k8s mode).',
+)
 @click.option(
     "--plan-timeout", type=float, help="Seconds a plan may run (default RUNQ_PLAN_TIMEOUT)."
 )
@@ -186,10 +197,17 @@ def create(
     source_dir: str | None,
     auto_apply: bool,
     agent_pool: str | None,
+    k8s_json: str | None,
     plan_timeout: float | None,
     apply_timeout: float | None,
 ) -> None:
     """Create workspace NAME."""
+    k8s: dict[str, Any] | None = None
+    if k8s_json:
+        try:
+            k8s = json.loads(k8s_json)
+        except ValueError as exc:
+            raise InvalidInput(f"--k8s is not JSON: {exc}") from exc
     ws = client().create_workspace(
         name,
         mode=mode,
@@ -198,6 +216,7 @@ def create(
         agent_pool=agent_pool,
         plan_timeout=plan_timeout,
         apply_timeout=apply_timeout,
+        k8s=k8s,
     )
     out.emit(ws.to_json(), lambda: _print_workspace(ws))
 
@@ -404,12 +423,14 @@ def cancel(out: Output, task_id: int, force: bool, wait: bool, timeout: float | 
 @command(main)
 @click.argument("task_id", type=int)
 def logs(out: Output, task_id: int) -> None:
-    """Print the terraform output of task ID, phase by phase."""
+    """Print the terraform output of task ID, phase by phase.
+
+    The output is stored by runq as the executor sends it, so this works on
+    any host, whichever worker, agent or Job ran the phase.
+    """
     c = client()
     c.get(task_id)  # unknown id: a clear error, not an empty answer
-    root = c.runtime.settings.logs_dir / str(task_id)
-    phases = {p: (root / f"{p}.log") for p in ("plan", "apply")}
-    texts = {p: path.read_text(errors="replace") for p, path in phases.items() if path.is_file()}
+    texts = c.logs(task_id)
 
     def human() -> None:
         if not texts:
@@ -470,6 +491,156 @@ def status(out: Output, check: bool, check_beat: bool, ping_timeout: float) -> N
     out.emit(st.to_json(), human)
     if (check and st.problems()) or (check_beat and st.sweep_overdue):
         sys.exit(EXIT_ERROR)
+
+
+# -- stored state ----------------------------------------------------------------
+
+
+@main.group()
+def state() -> None:
+    """The Terraform state runq stores for each workspace, versioned."""
+
+
+@command(state, "versions")
+@click.argument("workspace_name", metavar="WORKSPACE")
+def state_versions(out: Output, workspace_name: str) -> None:
+    """List WORKSPACE's stored states, oldest first."""
+    from scheduler import artifacts
+
+    c = client()
+    with c.session() as s:
+        versions = artifacts.state_versions(s, workspace_name)
+    rows = [v.to_json() for v in versions]
+
+    def human() -> None:
+        if not versions:
+            click.echo(f"(no state stored for {workspace_name} yet)", err=True)
+        for v in versions:
+            click.echo(
+                f"version {v.version}  serial {v.serial}  task {v.task_id or '-'}  "
+                f"{v.size} bytes  {v.created_at:%Y-%m-%d %H:%M:%S}  lineage {v.lineage}"
+            )
+
+    out.emit(rows, human)
+
+
+@command(state, "show")
+@click.argument("workspace_name", metavar="WORKSPACE")
+@click.option("--version", "number", type=int, help="Version number (default: the current).")
+def state_show(out: Output, workspace_name: str, number: int | None) -> None:
+    """Print WORKSPACE's current (or --version N) Terraform state."""
+    from scheduler import artifacts
+
+    c = client()
+    with c.session() as s:
+        v, content = artifacts.state_version(s, workspace_name, number)
+    text = content.decode("utf-8", errors="replace")
+    out.emit({**v.to_json(), "state": json.loads(text)}, lambda: click.echo(text, nl=False))
+
+
+# -- agent pools and agents ----------------------------------------------------------
+
+
+@main.group()
+def pool() -> None:
+    """Agent pools: named groups of agents that run agent-mode workspaces."""
+
+
+@command(pool, "create")
+@click.argument("name")
+def pool_create(out: Output, name: str) -> None:
+    """Create pool NAME and print its token (shown once: give it to its agents)."""
+    from scheduler import pools
+
+    view, token = pools.create(client().runtime, name)
+
+    def human() -> None:
+        click.echo(f"pool {view.name} created.")
+        click.echo(f"token: {token}")
+        click.echo("Start an agent: RUNQ_AGENT_TOKEN=<token> runq agent --pool " + view.name)
+
+    out.emit({**view.to_json(), "token": token}, human)
+
+
+@command(pool, "list")
+def pool_list(out: Output) -> None:
+    """List pools, with their live agents' capacity."""
+    from scheduler import pools
+
+    views = pools.list_all(client().runtime)
+
+    def human() -> None:
+        for v in views:
+            click.echo(
+                f"{v.name:<24} {v.kind:<6} live agents {v.agents}  capacity {v.capacity}  "
+                f"busy {v.busy}"
+            )
+
+    out.emit([v.to_json() for v in views], human)
+
+
+@main.group(invoke_without_command=True)
+@click.option("--pool", "pool_name", help="The pool to serve (RUNQ_AGENT_TOKEN is its token).")
+@click.option("--capacity", default=1, show_default=True, help="Phases run at once.")
+@click.option("--loglevel", default="INFO", show_default=True)
+@click.pass_context
+def agent(ctx: click.Context, pool_name: str | None, capacity: int, loglevel: str) -> None:
+    """Run an agent for --pool (needs RUNQ_BROKER_URL and RUNQ_AGENT_TOKEN,
+    no database), or `runq agent list`."""
+    if ctx.invoked_subcommand is not None:
+        return
+    if not pool_name:
+        raise click.UsageError("runq agent needs --pool NAME (or: runq agent list)")
+    if not 1 <= capacity <= 1000:
+        raise click.UsageError("--capacity must be 1..1000")
+    from celery_app.agent import main as agent_main
+    from scheduler.settings import Settings
+
+    agent_main(Settings(), pool_name, capacity, loglevel)
+
+
+@command(agent, "list")
+@click.option("--pool", "pool_name", help="Only this pool's agents.")
+@click.option("--all", "show_all", is_flag=True, help="Include agents no longer live.")
+def agent_list(out: Output, pool_name: str | None, show_all: bool) -> None:
+    """List agents: pool, capacity, what each runs now, when last seen."""
+    from scheduler import pools
+
+    views = [a for a in pools.agents(client().runtime, pool_name) if show_all or a.live]
+
+    def human() -> None:
+        if not views:
+            click.echo("(no live agents)", err=True)
+        for a in views:
+            running = ", ".join(f"task {r['task_id']} {r['phase']}" for r in a.running) or "idle"
+            click.echo(
+                f"{a.id:<40} pool {a.pool:<16} capacity {a.capacity}  running: {running}  "
+                f"last seen {_ago(a.last_seen_at.isoformat())}{'' if a.live else '  (gone)'}"
+            )
+
+    out.emit([a.to_json() for a in views], human)
+
+
+@main.command("run-phase")
+@click.option(
+    "--bundle-dir",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    required=True,
+    help="The mounted hand-off: bundle.json, run_key, pool (and broker_url).",
+)
+def run_phase(bundle_dir: Path) -> None:
+    """Run one phase from a mounted hand-off (a Kubernetes Job's container)."""
+    from executors.local import PhaseRunner
+    from executors.remote import run_phase_from_dir
+    from scheduler.settings import Settings
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    settings = Settings()
+    sys.exit(
+        run_phase_from_dir(
+            bundle_dir, lambda _url: PhaseRunner(settings, kind="k8s"), settings=settings
+        )
+    )
 
 
 @command(main)

@@ -107,7 +107,7 @@ def hand_off(rt: Runtime, handoff: Handoff) -> None:
     """Give a committed claim to its executor. If that fails, the claim stays
     and the reconciler re-sends it (a bounded number of times)."""
     try:
-        handle = launcher_for(handoff.mode, rt.publisher).launch(handoff)
+        handle = launcher_for(rt, handoff.mode).launch(handoff)
     except Exception as exc:
         log.error(  # noqa: TRY400 - one line; the traceback only at DEBUG
             "task %s: hand-off of fence %s to the %s executor failed (%s: %s); "

@@ -109,6 +109,9 @@ class Workspace(Base):
     #: Phase timeouts in seconds; None means the settings' defaults.
     plan_timeout: Mapped[float | None] = mapped_column(Float)
     apply_timeout: Mapped[float | None] = mapped_column(Float)
+    #: Kubernetes settings this workspace overrides (JSON object; see
+    #: :class:`executors.k8s.JobSpec`).
+    k8s: Mapped[str | None] = mapped_column(Text)
 
     __table_args__ = (CheckConstraint(_in("execution_mode", ExecutionMode), name="execution_mode"),)
 
@@ -159,6 +162,8 @@ class Task(Base):
     cancel_requested_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     cancel_requested_by: Mapped[str | None] = mapped_column(String(200))
     cancel_force: Mapped[bool] = mapped_column(Boolean, default=False)
+    #: The configuration snapshot both phases run (taken at submit).
+    config_version_id: Mapped[int | None] = mapped_column(ForeignKey("configuration_versions.id"))
 
     __table_args__ = (
         CheckConstraint(_in("type", TaskType), name="type"),
@@ -221,3 +226,98 @@ class ServiceBeat(Base):
     name: Mapped[str] = mapped_column(String(100), primary_key=True)
     at: Mapped[datetime] = mapped_column(UTCDateTime)
     detail: Mapped[str | None] = mapped_column(Text)
+
+
+class ConfigurationVersion(Base):
+    """A snapshot of a workspace's configuration directory (a tar.gz).
+
+    Taken at submit, so editing the directory afterwards changes nothing a
+    queued task plans or applies, and no executor needs the directory.
+    The same bytes are stored once per workspace.
+    """
+
+    __tablename__ = "configuration_versions"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    workspace_id: Mapped[int] = mapped_column(ForeignKey("workspaces.id"))
+    sha256: Mapped[str] = mapped_column(String(64))
+    size: Mapped[int] = mapped_column(Integer)
+    content: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    __table_args__ = (
+        Index("uq_configuration_versions_workspace_sha", "workspace_id", "sha256", unique=True),
+    )
+
+
+class PlanArtifact(Base):
+    """The saved plan of a task's accepted plan phase (plan file and the
+    provider lock file, a tar.gz): what its apply applies, on any host."""
+
+    __tablename__ = "plan_artifacts"
+
+    task_id: Mapped[int] = mapped_column(ForeignKey("tasks.id"), primary_key=True)
+    #: The plan claim that made it.
+    fence: Mapped[int] = mapped_column(BigId)
+    sha256: Mapped[str] = mapped_column(String(64))
+    size: Mapped[int] = mapped_column(Integer)
+    content: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class LogChunk(Base):
+    """A piece of a phase's output, as the executor sent it.
+
+    Keyed by its byte offset in the phase's log, so a chunk sent twice (a
+    lost reply, a re-delivered message) is stored once.
+    """
+
+    __tablename__ = "log_chunks"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    task_id: Mapped[int] = mapped_column(ForeignKey("tasks.id"))
+    phase: Mapped[str] = mapped_column(String(16))
+    fence: Mapped[int] = mapped_column(BigId)
+    offset: Mapped[int] = mapped_column(BigInteger)
+    content: Mapped[bytes] = mapped_column(LargeBinary)
+    at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    __table_args__ = (
+        Index("uq_log_chunks_task_phase", "task_id", "phase", "fence", "offset", unique=True),
+    )
+
+
+class AgentPool(Base):
+    """A pool of agents (or the Kubernetes Jobs) that run a workspace's phases.
+
+    ``token`` is the pool's secret: agents hold it, and every message between
+    the scheduler and the pool is signed with a key derived from it
+    (:mod:`executors.signing`). It is stored as the key itself, because the
+    verifier must hold it; anyone who can read this table can also write the
+    tasks table, so it adds no path in.
+    """
+
+    __tablename__ = "agent_pools"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    kind: Mapped[str] = mapped_column(String(16), default="agent")
+    token: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    __table_args__ = (CheckConstraint("kind IN ('agent', 'k8s')", name="kind"),)
+
+
+class Agent(Base):
+    """A live (or once live) agent, as its last signed beat described it."""
+
+    __tablename__ = "agents"
+
+    id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    pool_id: Mapped[int] = mapped_column(ForeignKey("agent_pools.id"), index=True)
+    hostname: Mapped[str] = mapped_column(String(300))
+    capacity: Mapped[int] = mapped_column(Integer)
+    #: JSON list of {"task_id", "phase", "fence"} it runs now.
+    running: Mapped[str] = mapped_column(Text, default="[]")
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    last_seen_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

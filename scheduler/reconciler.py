@@ -34,11 +34,19 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from executors.base import Handoff
-from scheduler import leases, messages
+from scheduler import k8s_jobs, leases, messages, pools
 from scheduler.errors import ConcurrentChange, IllegalTransition
 from scheduler.models import ServiceBeat, Task, Workspace, utcnow
 from scheduler.runtime import Runtime
-from scheduler.states import RUNNING, DispatchMode, Phase, TaskStatus, TaskType, phase_of
+from scheduler.states import (
+    RUNNING,
+    DispatchMode,
+    ExecutionMode,
+    Phase,
+    TaskStatus,
+    TaskType,
+    phase_of,
+)
 from scheduler.transitions import transition
 
 log = logging.getLogger(__name__)
@@ -58,10 +66,12 @@ class Sweep:
     lost: list[int] = field(default_factory=list)
     timed_out: list[int] = field(default_factory=list)
     unconfirmed: list[int] = field(default_factory=list)
+    #: Unstarted agent hand-offs left waiting: their pool has no free slot.
+    waiting_for_agents: list[int] = field(default_factory=list)
 
     @property
     def busy(self) -> bool:
-        return any(asdict(self).values())
+        return any(v for k, v in asdict(self).items() if k != "waiting_for_agents")
 
 
 def sweep(rt: Runtime) -> Sweep:
@@ -71,6 +81,7 @@ def sweep(rt: Runtime) -> Sweep:
     _expire_leases(rt, now, out, handoffs)
     _resend_unstarted(rt, now, out, handoffs)
     _enforce_timeouts(rt, now, out)
+    out.lost += k8s_jobs.watch(rt)  # Jobs that ended or vanished without reporting
     _expire_confirmations(rt, now, out)
     out.plans, out.workspaces = _owed_hints(rt, now)
 
@@ -160,8 +171,15 @@ def _resend_unstarted(rt: Runtime, now: datetime, out: Sweep, handoffs: list[Han
             Task.executor_handle.is_(None),
             or_(Task.handoff_at < cutoff, Task.handoff_at.is_(None)),
         )
+    room: dict[str, bool] = {}
     for task, ws in unstarted:
         if not leases.resend_due(task, rt.settings, now):
+            continue
+        if ws.execution_mode == ExecutionMode.AGENT and not _pool_has_room(rt, ws, room):
+            # Waiting for agent capacity is not a failed hand-off: the message
+            # waits in the pool's queue, and is neither re-sent (it would only
+            # queue again) nor counted towards RUNQ_HANDOFF_ATTEMPTS.
+            out.waiting_for_agents.append(task.id)
             continue
         try:
             with rt.transaction() as s:
@@ -189,6 +207,19 @@ def _resend_unstarted(rt: Runtime, now: datetime, out: Sweep, handoffs: list[Han
             continue
         out.resent.append(task.id)
         handoffs.append(leases.handoff_of(rt.settings, task, ws))
+
+
+def _pool_has_room(rt: Runtime, ws: Workspace, room: dict[str, bool]) -> bool:
+    """Has ``ws``'s pool a live agent with a free slot? (Once per sweep.)"""
+    name = ws.agent_pool or ""
+    if name not in room:
+        with rt.sessions() as s:
+            try:
+                capacity, busy = pools.capacity(s, rt.settings, pools.load(s, name))
+            except pools.PoolNotFound:
+                capacity = busy = 0
+        room[name] = busy < capacity
+    return room[name]
 
 
 def _enforce_timeouts(rt: Runtime, now: datetime, out: Sweep) -> None:

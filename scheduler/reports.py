@@ -21,6 +21,7 @@ from executors.base import (
     Finished,
     Handoff,
     Heartbeat,
+    LogWritten,
     PhaseResult,
     Reply,
     Report,
@@ -33,7 +34,6 @@ from scheduler.models import Task, Workspace
 from scheduler.runtime import Runtime
 from scheduler.states import Phase, TaskStatus, TaskType
 from scheduler.transitions import transition
-from scheduler.workspaces import load as load_workspace
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,8 @@ def accept(rt: Runtime, report: Report) -> Reply:
             reply = leases.start(s, rt.settings, report)
         elif isinstance(report, Heartbeat):
             reply = leases.renew(s, rt.settings, report)
+        elif isinstance(report, LogWritten):
+            reply = artifacts.store_log(s, report)
         else:
             reply = artifacts.store_state(s, report)
     if not reply.accepted:
@@ -153,6 +155,20 @@ def _end(rt: Runtime, s: Session, task: Task, ws: Workspace, report: Finished) -
             reason += f" ({result.stopped})"
         if to is TaskStatus.APPLY_QUEUED:
             reason += "; workspace auto-applies"
+    if to in (TaskStatus.APPLY_PENDING, TaskStatus.APPLY_QUEUED):
+        # The apply may run on any host: it needs the saved plan, stored here.
+        if report.plan is None:
+            to, reason = TaskStatus.FAILED, "plan failed: the executor sent no saved plan"
+            result = PhaseResult(ok=False, error="the executor sent no saved plan to apply")
+        elif len(report.plan) > rt.settings.max_artifact_bytes:
+            to, reason = TaskStatus.FAILED, "plan failed: saved plan too large"
+            result = PhaseResult(
+                ok=False,
+                error=f"the saved plan is {len(report.plan)} bytes, over the limit of "
+                f"{rt.settings.max_artifact_bytes} (RUNQ_MAX_ARTIFACT_BYTES)",
+            )
+        else:
+            artifacts.store_plan(s, task, report.fence, report.plan)
     values: dict[str, object] = {"error": None if cancelled else result.error}
     if report.phase is Phase.PLAN:
         values["has_changes"] = result.has_changes
@@ -212,15 +228,6 @@ class DirectReporter:
             f"{type(report).__name__} report of task {report.task_id}",
             self.give_up_after,
         )
-
-    def current_state(self, handoff: Handoff) -> bytes | None:
-        def read() -> bytes | None:
-            with self.rt.sessions() as s:
-                ws = load_workspace(s, handoff.workspace)
-                version = artifacts.latest(s, ws.id)
-                return version.content if version is not None else None
-
-        return retry_transient(read, f"state of {handoff.workspace}", self.give_up_after)
 
 
 T = TypeVar("T")

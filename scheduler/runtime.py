@@ -48,6 +48,12 @@ class Runtime:
             )
         return self._engine
 
+    def after_fork(self) -> None:
+        """In a forked child: drop the parent's pooled connections without
+        closing them (closing would end the parent's sessions)."""
+        if self._engine is not None:
+            self._engine.dispose(close=False)
+
     @cached_property
     def sessions(self) -> sessionmaker[Session]:
         """Sessions that publish runq's messages when they commit."""

@@ -71,6 +71,45 @@ class Settings(BaseSettings):
     #: locks) after this many seconds.
     db_idle_in_transaction_timeout: float = Field(default=30.0, gt=0)
 
+    # -- artifacts: what a run needs, stored by runq (no shared disk) -------
+    #: Largest configuration version (the compressed snapshot of a
+    #: workspace's directory taken at submit), in bytes.
+    max_config_bytes: int = Field(default=10 * 1024 * 1024, gt=0)
+    #: Largest saved plan or state an executor may send back, in bytes.
+    max_artifact_bytes: int = Field(default=50 * 1024 * 1024, gt=0)
+    #: Keep each phase's working copy after it ends (for debugging); by
+    #: default it is removed, since everything in it that matters is stored.
+    keep_workdirs: bool = False
+
+    # -- remote executors (agents, Kubernetes Jobs) --------------------------
+    #: An agent's pool token (``runq pool create`` prints it). Agents need
+    #: this and the broker, and no database credentials.
+    agent_token: str = ""
+    #: Seconds between an agent's signed beats (who it is, what it runs).
+    agent_beat_interval: float = Field(default=5.0, gt=0)
+    #: An agent not heard from for this long no longer counts as capacity.
+    agent_ttl: float = Field(default=30.0, gt=0)
+    #: Seconds a remote executor waits for the scheduler's reply to a report.
+    report_timeout: float = Field(default=10.0, gt=0)
+
+    # -- Kubernetes mode (a workspace may override the job settings) ---------
+    #: The pool whose token signs Kubernetes Jobs' reports (made on demand).
+    k8s_pool: str = "kubernetes"
+    k8s_namespace: str = "default"
+    k8s_image: str = "runq:local"
+    k8s_service_account: str = ""
+    #: Container resources as JSON, e.g. ``{"limits": {"memory": "1Gi"}}``.
+    k8s_resources: str = "{}"
+    #: Extra container environment as a JSON object.
+    k8s_env: str = "{}"
+    #: Seconds a finished Job is kept (``ttlSecondsAfterFinished``).
+    k8s_job_ttl: int = Field(default=3600, ge=0)
+    #: A kubeconfig file; empty means in-cluster config, then ~/.kube/config.
+    k8s_kubeconfig: str = ""
+    #: The broker URL as the Jobs' pods reach it (it goes in each Job's
+    #: Secret); empty means the scheduler's own.
+    k8s_broker_url: str = ""
+
     @field_validator("dispatch_mode", mode="before")
     @classmethod
     def _lower(cls, value: object) -> object:

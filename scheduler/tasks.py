@@ -9,12 +9,11 @@ from collections.abc import Sequence
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from scheduler import messages, outbox
+from scheduler import artifacts, k8s_jobs, messages, outbox, pools
 from scheduler.errors import (
     ConcurrentChange,
     IllegalTransition,
     InvalidInput,
-    NotImplementedYet,
     TaskNotFound,
 )
 from scheduler.models import Task, TaskEvent, Workspace, utcnow
@@ -87,11 +86,11 @@ def _submit(
     created_by: str | None,
 ) -> TaskView:
     ws = load_workspace(s, workspace)
-    if ws.execution_mode != ExecutionMode.LOCAL:
-        raise NotImplementedYet(
-            f"workspace {workspace!r} uses execution mode {ws.execution_mode!r}, "
-            "which is not implemented yet; only 'local' runs today"
-        )
+    _check_executor(rt, s, ws)
+    # The snapshot both phases will run: editing the directory after this
+    # changes nothing this task plans or applies, and no executor needs it.
+    content = artifacts.snapshot(ws.source_dir, rt.settings.max_config_bytes, ws.name)
+    version = artifacts.store_config(s, ws.id, content)
     # Bumping the counter row-locks the workspace until commit, so queue
     # positions are handed out in commit order within a workspace.
     seq = s.execute(
@@ -110,6 +109,7 @@ def _submit(
         created_by=created_by,
         message=message,
         created_at=utcnow(),
+        config_version_id=version.id,
     )
     s.add(task)
     s.flush()
@@ -138,6 +138,16 @@ def _submit(
         extra={"action": "submitted", "task_id": task.id, "workspace": workspace},
     )
     return TaskView.of(task, workspace)
+
+
+def _check_executor(rt: Runtime, s: Session, ws: Workspace) -> None:
+    """Refuse a submit that no executor could run (nothing is inserted)."""
+    if ws.execution_mode == ExecutionMode.AGENT:
+        pool = pools.load(s, ws.agent_pool or "")
+        if pool.kind != pools.KIND_AGENT:
+            raise InvalidInput(f"workspace {ws.name!r}: pool {pool.name!r} is not an agent pool")
+    elif ws.execution_mode == ExecutionMode.K8S:
+        pools.ensure_k8s_pool(s, rt.settings)
 
 
 def _load(s: Session, task_id: int) -> tuple[Task, str]:
@@ -275,6 +285,7 @@ def cancel(
     for a task whose worker is gone.
     """
     who = actor or rt.actor
+    view: TaskView | None = None
     with rt.transaction() as s:
         task, ws = _load(s, task_id)
         current = TaskStatus(task.status)
@@ -304,23 +315,31 @@ def cancel(
                 log.info(
                     "task %s: cancelled", task_id, extra={"action": "cancel", "task_id": task_id}
                 )
-                return TaskView.of(task, ws)
-        if current not in RUNNING:
-            raise IllegalTransition(
-                f"cannot cancel task {task_id}: it is {current}, which is final"
+                view = TaskView.of(task, ws)
+        if view is None:
+            if current not in RUNNING:
+                raise IllegalTransition(
+                    f"cannot cancel task {task_id}: it is {current}, which is final"
+                )
+            # Running: record the request; the executor stops terraform.
+            s.execute(
+                update(Task)
+                .where(Task.id == task_id, Task.fence == task.fence, Task.status == current)
+                .values(
+                    cancel_requested_at=task.cancel_requested_at or utcnow(),
+                    cancel_requested_by=who,
+                    cancel_force=task.cancel_force or force,
+                )
+                .execution_options(synchronize_session=False)
             )
-        # Running: record the request; the executor stops terraform.
-        s.execute(
-            update(Task)
-            .where(Task.id == task_id, Task.fence == task.fence, Task.status == current)
-            .values(
-                cancel_requested_at=task.cancel_requested_at or utcnow(),
-                cancel_requested_by=who,
-                cancel_force=task.cancel_force or force,
-            )
-            .execution_options(synchronize_session=False)
-        )
         fence = task.fence
+    phase = phase_of(current)
+    if phase is not None:
+        # A Kubernetes Job is deleted now (its pod gets SIGTERM: terraform is
+        # interrupted and saves its state), not at its next heartbeat.
+        k8s_jobs.stop(rt, task_id, phase, fence)
+    if view is not None:
+        return view
     log.info(
         "task %s: cancel%s requested of its running %s",
         task_id,

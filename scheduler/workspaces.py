@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import re
+from typing import Any
 
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
@@ -35,6 +37,7 @@ def create(
     agent_pool: str | None = None,
     plan_timeout: float | None = None,
     apply_timeout: float | None = None,
+    k8s: dict[str, Any] | None = None,
 ) -> WorkspaceView:
     check_timeouts(plan_timeout, apply_timeout)
     if not NAME_RE.match(name):
@@ -43,17 +46,23 @@ def create(
             "(at most 200, starting with a letter or digit)"
         )
     mode = parse_mode(str(mode))
-    if mode is ExecutionMode.LOCAL:
-        if not source_dir:
-            raise InvalidInput("a local workspace needs --dir: its Terraform configuration")
-        from pathlib import Path
+    # Every mode snapshots this directory at submit (on the submitting host),
+    # so the executors never need it.
+    if not source_dir:
+        raise InvalidInput("a workspace needs --dir: its Terraform configuration")
+    from pathlib import Path
 
-        path = Path(source_dir).expanduser().resolve()
-        if not path.is_dir():
-            raise InvalidInput(f"--dir {source_dir!r} is not a directory")
-        source_dir = str(path)
+    path = Path(source_dir).expanduser().resolve()
+    if not path.is_dir():
+        raise InvalidInput(f"--dir {source_dir!r} is not a directory")
+    source_dir = str(path)
     if mode is ExecutionMode.AGENT and not agent_pool:
         raise InvalidInput("an agent workspace needs --agent-pool")
+    if mode is not ExecutionMode.AGENT and agent_pool:
+        raise InvalidInput("--agent-pool is only for --mode agent")
+    k8s_json = check_k8s(k8s) if k8s else None
+    if k8s_json and mode is not ExecutionMode.K8S:
+        raise InvalidInput("Kubernetes settings are only for --mode k8s")
     try:
         with rt.transaction() as s:
             ws = Workspace(
@@ -65,6 +74,7 @@ def create(
                 task_seq=0,
                 plan_timeout=plan_timeout,
                 apply_timeout=apply_timeout,
+                k8s=k8s_json,
             )
             s.add(ws)
             s.flush()
@@ -73,6 +83,34 @@ def create(
         raise WorkspaceExists(f"workspace {name!r} exists already") from None
     log.info("workspace %s created (%s)", name, mode, extra={"action": "workspace_created"})
     return view
+
+
+#: The Kubernetes settings a workspace may override, and their JSON types.
+K8S_KEYS: dict[str, type] = {
+    "namespace": str,
+    "image": str,
+    "service_account": str,
+    "resources": dict,
+    "env": dict,
+}
+
+
+def check_k8s(overrides: dict[str, Any]) -> str:
+    """``overrides`` as stored JSON, or :class:`InvalidInput` saying what is wrong."""
+    if not isinstance(overrides, dict):
+        raise InvalidInput("Kubernetes settings must be a JSON object")
+    for key, value in overrides.items():
+        want = K8S_KEYS.get(key)
+        if want is None:
+            raise InvalidInput(
+                f"unknown Kubernetes setting {key!r}; known: {', '.join(sorted(K8S_KEYS))}"
+            )
+        if not isinstance(value, want):
+            raise InvalidInput(f"Kubernetes setting {key!r} must be a {want.__name__}")
+    env = overrides.get("env") or {}
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
+        raise InvalidInput("Kubernetes setting 'env' must map names to strings")
+    return json.dumps(overrides, sort_keys=True)
 
 
 def check_timeouts(*values: float | None) -> None:

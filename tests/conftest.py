@@ -39,7 +39,19 @@ PG_ADMIN_URL = os.environ.get(
 )
 REDIS_URL = os.environ.get("RUNQ_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 AMQP_URL = os.environ.get("RUNQ_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672")
-TABLES = ("state_versions", "service_beats", "task_events", "tasks", "workspaces")
+#: Every table (children first); emptied before each PostgreSQL test.
+TABLES = (
+    "log_chunks",
+    "plan_artifacts",
+    "state_versions",
+    "service_beats",
+    "task_events",
+    "tasks",
+    "configuration_versions",
+    "workspaces",
+    "agents",
+    "agent_pools",
+)
 
 
 # ---------------------------------------------------------------- databases

@@ -7,12 +7,15 @@ records and answers from a script, and runner processes a test may kill.
   ``init`` and ``show`` succeed at once and whose ``plan`` and ``apply`` run a
   body the test chooses. It leaves marks in a directory: ``pid`` (the process
   that ran the body), ``log`` (lines the body and its traps append).
+* :func:`make_bundle` is a :class:`~executors.base.Bundle` of a directory
+  (packed as a configuration version), a state and a saved plan, as the
+  scheduler builds one; :func:`saved_plan` packs a plan artifact.
 * :class:`ScriptedReporter` is an in-process :class:`~executors.base.Reporter`
   that records every report with its time and answers with a test's script.
 * :func:`child` is the entry point of a runner *process* (``python -c``): it
-  runs one phase with a :class:`JsonlReporter` that appends every report to a
-  file and accepts it, so a test can signal or kill the process and read what
-  it reported.
+  runs one bundle with a :class:`JsonlReporter` that appends every report to
+  a file and accepts it, so a test can signal or kill the process and read
+  what it reported.
 * :func:`worker` is a runq worker reduced to its executor: it runs one
   claimed phase ``(task id, fence)`` against the database, as
   ``celery_app.tasks.execute`` does, minus Celery.
@@ -20,6 +23,7 @@ records and answers from a script, and runner processes a test may kill.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import stat
@@ -27,12 +31,14 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from executors.base import Finished, Handoff, Heartbeat, Reply, Report
+from executors import archive
+from executors.base import Bundle, Finished, Handoff, Heartbeat, LogWritten, Reply, Report
 from scheduler.settings import Settings
+from scheduler.states import Phase
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -176,6 +182,37 @@ def pids_with_env(**wanted: str) -> list[int]:
     return found
 
 
+# ---------------------------------------------------------------- bundles
+
+#: The size limit of the archives tests pack (the settings' default).
+LIMIT = 10 * 1024 * 1024
+
+
+def saved_plan(directory: Path, text: str = "a saved plan") -> bytes:
+    """A plan artifact (tar.gz) holding ``runq.tfplan`` with ``text``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "runq.tfplan"
+    path.write_text(text)
+    return archive.pack_files([("runq.tfplan", path)], LIMIT, what="the test's saved plan")
+
+
+def make_bundle(
+    handoff: Handoff,
+    source: Path,
+    *,
+    state: bytes | None = None,
+    plan: bytes | None = None,
+) -> Bundle:
+    """What the scheduler would send for ``handoff``: ``source`` packed as
+    its configuration version, ``state``, and (for an apply, unless given) a
+    saved plan."""
+    config = archive.pack_dir(source, LIMIT)
+    if plan is None and handoff.phase is Phase.APPLY:
+        plan = saved_plan(source.parent / f"plan-of-{handoff.task_id}")
+    handoff = replace(handoff, config_sha256=archive.sha256(config))
+    return Bundle(handoff=handoff, config=config, state=state, plan=plan)
+
+
 # ---------------------------------------------------------------- reporters
 
 
@@ -201,7 +238,6 @@ class ScriptedReporter:
     """Records every report (with its monotonic time) and answers from ``answer``."""
 
     answer: Answer = ok
-    state: bytes | None = None
     log: list[Recorded] = field(default_factory=list)
 
     def report(self, report: Report) -> Reply:
@@ -210,15 +246,17 @@ class ScriptedReporter:
         self.log.append(Recorded(time.monotonic(), time.time(), report, reply))
         return reply
 
-    def current_state(self, handoff: Handoff) -> bytes | None:
-        return self.state
-
     def of(self, kind: type[Any]) -> list[Any]:
         return [r.report for r in self.log if isinstance(r.report, kind)]
 
     @property
     def finished(self) -> list[Finished]:
         return self.of(Finished)
+
+    @property
+    def output(self) -> str:
+        """The phase's output as the runner shipped it (LogWritten chunks)."""
+        return shipped(self.of(LogWritten))
 
     def first(self, what: Callable[[Recorded], bool]) -> Recorded:
         return next(r for r in self.log if what(r))
@@ -235,11 +273,28 @@ def from_heartbeat(n: int, reply: Reply) -> Answer:
     return answer
 
 
+def shipped(chunks: list[LogWritten]) -> str:
+    """The output a run's LogWritten chunks add up to; they must follow one
+    another with no gap or overlap."""
+    out = b""
+    for chunk in chunks:
+        assert chunk.offset == len(out), f"chunk at {chunk.offset}, expected {len(out)}"
+        out += chunk.content
+    return out.decode("utf-8", errors="replace")
+
+
 def to_json(report: Report) -> dict[str, Any]:
+    """A report as one JSON line: a state's content is left out (its serial
+    and lineage stay), output is text, a saved plan is its SHA-256."""
     data = asdict(report)
-    data.pop("content", None)
+    content = data.pop("content", None)
+    if isinstance(report, LogWritten):
+        data["text"] = report.content.decode("utf-8", errors="replace")
+    elif content is not None:
+        data["sha256"] = hashlib.sha256(content).hexdigest()
     if isinstance(report, Finished):
         data["result"]["stopped"] = report.result.stopped and str(report.result.stopped)
+        data["plan"] = report.plan and hashlib.sha256(report.plan).hexdigest()
     data["phase"] = str(data["phase"]) if "phase" in data else None
     return {"kind": type(report).__name__, "at": time.time(), **data}
 
@@ -247,17 +302,13 @@ def to_json(report: Report) -> dict[str, Any]:
 class JsonlReporter:
     """Accepts every report and appends it to a JSON-lines file."""
 
-    def __init__(self, path: Path, state: bytes | None = None) -> None:
+    def __init__(self, path: Path) -> None:
         self.path = path
-        self.state = state
 
     def report(self, report: Report) -> Reply:
         with self.path.open("a") as f:
             f.write(json.dumps(to_json(report)) + "\n")
         return Reply.ok()
-
-    def current_state(self, handoff: Handoff) -> bytes | None:
-        return self.state
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -291,23 +342,26 @@ WORKER = "from tests.runner_harness import worker; worker()"
 
 
 def start_child(
-    handoff: Handoff, reports: Path, *, env: dict[str, str], log: Path
+    bundle: Bundle, reports: Path, *, env: dict[str, str], log: Path
 ) -> subprocess.Popen[bytes]:
-    """A runner process running ``handoff`` with a :class:`JsonlReporter` on
-    ``reports``; settings come from ``env`` (RUNQ_*)."""
-    return python_process(CHILD, json.dumps(handoff.to_json()), str(reports), env=env, log=log)
+    """A runner process running ``bundle`` with a :class:`JsonlReporter` on
+    ``reports``; settings come from ``env`` (RUNQ_*). The bundle goes in a
+    file beside ``reports`` (an argument list has a size limit)."""
+    path = reports.with_suffix(".bundle.json")
+    path.write_text(json.dumps(bundle.to_json()))
+    return python_process(CHILD, str(path), str(reports), env=env, log=log)
 
 
 def child() -> None:
     """``python -c``: run one phase, reporting to a JSON-lines file."""
     import logging
 
-    from executors.local import LocalRunner
+    from executors.local import PhaseRunner
     from scheduler.settings import Settings
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    handoff = Handoff.from_json(json.loads(sys.argv[1]))
-    LocalRunner(Settings()).run(handoff, JsonlReporter(Path(sys.argv[2])))
+    bundle = Bundle.from_json(json.loads(Path(sys.argv[1]).read_text()))
+    PhaseRunner(Settings()).run(bundle, JsonlReporter(Path(sys.argv[2])))
 
 
 def start_worker(
@@ -322,29 +376,38 @@ def worker() -> None:
     """``python -c``: what a runq worker does with an ``execute`` message."""
     import logging
 
-    from executors.local import LocalRunner
-    from scheduler import leases
+    from scheduler import local_runs
     from scheduler.messages import RecordingPublisher
-    from scheduler.reports import DirectReporter
     from scheduler.runtime import Runtime
     from scheduler.settings import Settings
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     task_id, fence = int(sys.argv[1]), int(sys.argv[2])
     rt = Runtime(Settings(), RecordingPublisher(), actor=f"test-worker:{os.getpid()}")
-    with rt.sessions() as s:
-        handoff = leases.load_handoff(s, rt.settings, task_id, fence)
-    LocalRunner(rt.settings).run(handoff, DirectReporter(rt))
-    rt.close()
+    try:
+        bundle = local_runs.execute(rt, task_id, fence)
+        if bundle is None:
+            raise SystemExit(f"execute({task_id}, {fence}) was not runnable")
+    finally:
+        rt.close()
 
 
 def reports_of(kind: str, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r for r in records if r["kind"] == kind]
 
 
-def latest_working_copy(settings: Settings, task_id: int) -> Path:
-    """The working copy of ``task_id``'s newest plan attempt (the one its
-    apply, if any, ran in)."""
-    copies = list((settings.work_dir / str(task_id)).glob("plan-*"))
-    assert copies, f"task {task_id} has no working copy"
-    return max(copies, key=lambda p: int(p.name.removeprefix("plan-")))
+def working_copies(settings: Settings, task_id: int, phase: str | None = None) -> list[Path]:
+    """The working copies of ``task_id`` (of ``phase``) left on this host,
+    oldest claim first: only with ``Settings(keep_workdirs=True)``, since a
+    phase removes its working copy when it ends."""
+    pattern = f"{task_id}-{phase or '*'}-*-*"
+    copies = [p for p in settings.work_dir.glob(pattern) if p.is_dir()]
+    return sorted(copies, key=lambda p: int(p.name.split("-")[2]))
+
+
+def latest_working_copy(settings: Settings, task_id: int, phase: str | None = None) -> Path:
+    """The working copy of ``task_id``'s newest claim (of ``phase``), kept
+    with ``Settings(keep_workdirs=True)``."""
+    copies = working_copies(settings, task_id, phase)
+    assert copies, f"task {task_id} has no working copy (keep_workdirs={settings.keep_workdirs})"
+    return copies[-1]

@@ -8,7 +8,9 @@ worker runs in a session of its own, so a test can kill or pause one (and
 everything under it) without touching the others; :meth:`WorkerPool.restart`
 brings back a worker a test killed, and :class:`Beat` runs ``celery beat``
 (the reconciler's clock) the same way. Output goes to one log file per
-process, so a failing test can show it.
+process, so a failing test can show it. ``env_for`` gives each process
+environment of its own (its own ``RUNQ_DATA_DIR``, as separate containers
+would have); :class:`AgentPool` starts ``runq agent`` processes the same way.
 
 :class:`RedisServer` is a private ``redis-server`` without persistence: a
 :meth:`~RedisServer.restart` comes back on the same port with no data.
@@ -34,6 +36,7 @@ import stat
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -365,13 +368,17 @@ class Worker:
 @dataclass
 class WorkerPool:
     """``count`` real Celery workers with ``env`` (on top of a clean copy of
-    this process's environment: :func:`clean_env`)."""
+    this process's environment: :func:`clean_env`), and ``env_for(name)`` on
+    top of that for worker ``name`` (``w1``, ``w2``, ...) when given."""
 
     count: int
     env: dict[str, str]
     logdir: Path
     concurrency: int = 3
     workers: list[Worker] = field(default_factory=list)
+    env_for: Callable[[str], dict[str, str]] | None = None
+    #: Worker names are this and a number.
+    prefix: str = "w"
 
     def argv(self, name: str) -> list[str]:
         return [
@@ -396,7 +403,8 @@ class WorkerPool:
     def start(self, timeout: float = 90.0) -> None:
         self.logdir.mkdir(parents=True, exist_ok=True)
         for i in range(1, self.count + 1):
-            worker = Worker(f"w{i}", self.logdir / f"w{i}.log")
+            name = f"{self.prefix}{i}"
+            worker = Worker(name, self.logdir / f"{name}.log")
             self._spawn(worker)
             self.workers.append(worker)
         self._await_ready(self.workers, timeout)
@@ -406,7 +414,7 @@ class WorkerPool:
             worker.proc = subprocess.Popen(
                 self.argv(worker.name),
                 cwd=REPO_ROOT,
-                env=clean_env(self.env),
+                env=clean_env({**self.env, **(self.env_for(worker.name) if self.env_for else {})}),
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
@@ -425,7 +433,9 @@ class WorkerPool:
                         else f"not ready after {timeout}s"
                     )
                     self.stop()
-                    raise RuntimeError(f"celery worker {worker.name} {why}:\n{worker.tail()}")
+                    raise RuntimeError(
+                        f"{type(self).__name__} process {worker.name} {why}:\n{worker.tail()}"
+                    )
                 time.sleep(0.1)
 
     def named(self, name: str) -> Worker:
@@ -484,6 +494,42 @@ class WorkerPool:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(worker.proc.pid, signal.SIGKILL)
             worker.proc.wait(10)
+
+
+@dataclass
+class AgentPool(WorkerPool):
+    """``count`` real ``runq agent --pool POOL --capacity CAPACITY`` processes
+    (named ``a1``, ``a2``, ...), supervised like :class:`WorkerPool`'s
+    workers: ready once each has logged ``ready.``, stopped with SIGTERM (warm
+    shutdown, a signed "stopping" beat), then SIGKILL of its process group.
+
+    ``env`` needs the broker (``RUNQ_REDIS_URL``) and ``RUNQ_AGENT_TOKEN``;
+    an agent needs no database, so tests give it an unreachable
+    ``RUNQ_DATABASE_URL`` (:data:`NO_DATABASE`). Start the core workers
+    first: an agent's first beat waits for one of them to answer.
+    """
+
+    pool: str = ""
+    capacity: int = 2
+    prefix: str = "a"
+
+    def argv(self, name: str) -> list[str]:
+        assert self.pool, "AgentPool needs a pool name"
+        return [
+            sys.executable,
+            "-m",
+            "scheduler.cli",
+            "agent",
+            "--pool",
+            self.pool,
+            "--capacity",
+            str(self.capacity),
+        ]
+
+
+#: A database URL nothing answers on: what an agent is given, to show it
+#: never needs one.
+NO_DATABASE = "postgresql+psycopg://nobody@127.0.0.1:1/none"
 
 
 @dataclass

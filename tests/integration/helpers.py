@@ -19,7 +19,7 @@ from executors.base import (
     Started,
     StopReason,
 )
-from executors.fake import FakeRunner
+from executors.fake import FAKE_PLAN, FakeRunner, bundle_of
 from scheduler import dispatcher, leases, reports, tasks, workspaces
 from scheduler.messages import (
     QUEUE_DISPATCH,
@@ -123,7 +123,7 @@ def run_phase(rt: Runtime, task: int | Handoff, result: PhaseResult) -> Handoff:
     reporting ``result``."""
     handoff = task if isinstance(task, Handoff) else last_handoff(rt, task)
     runner = FakeRunner(script=lambda _h: result)
-    runner.run(handoff, reports.DirectReporter(rt))
+    runner.run(bundle_of(handoff), reports.DirectReporter(rt))
     assert runner.ran == [handoff], "the runner's start report was rejected"
     return handoff
 
@@ -133,6 +133,14 @@ def start(rt: Runtime, handoff: Handoff) -> bool:
     return reports.accept(
         rt, Started(handoff.task_id, handoff.fence, handoff.phase, f"test:{handoff.task_id}")
     ).accepted
+
+
+def saved_plan_for(phase: Phase, result: PhaseResult) -> bytes | None:
+    """The saved plan an executor sends with ``result``: a plan with changes
+    sends one (the scheduler needs it if an apply will follow)."""
+    if phase is Phase.PLAN and result.ok and result.has_changes:
+        return FAKE_PLAN
+    return None
 
 
 def finish(rt: Runtime, handoff: Handoff, result: PhaseResult, *, fence: int | None = None) -> bool:
@@ -145,6 +153,7 @@ def finish(rt: Runtime, handoff: Handoff, result: PhaseResult, *, fence: int | N
             handoff.fence if fence is None else fence,
             handoff.phase,
             result,
+            plan=saved_plan_for(handoff.phase, result),
         ),
     )
     assert reply.accepted or is_stale(reply), reply
@@ -255,7 +264,10 @@ def beat(rt: Runtime, task_id: int, fence: int, phase: Phase = Phase.PLAN) -> Re
 def end(
     rt: Runtime, task_id: int, fence: int, result: PhaseResult, phase: Phase = Phase.PLAN
 ) -> Reply:
-    return reports.accept(rt, Finished(task_id, fence, phase, result))
+    """The executor's Finished report (with a saved plan, as a real plan
+    with changes sends)."""
+    plan = saved_plan_for(phase, result)
+    return reports.accept(rt, Finished(task_id, fence, phase, result, plan=plan))
 
 
 def task_events(rt: Runtime, task_id: int) -> list[EventView]:

@@ -9,7 +9,8 @@ reconciler's sweep and the plans.
 
 What must hold: every state terraform wrote while runq still trusted the
 apply is the workspace's state; nothing it wrote after is; and terraform does
-not outlive its runner.
+not outlive its runner. The rig keeps working copies (``keep_workdirs``), so
+a test can compare what terraform left on disk with what runq stored.
 """
 
 from __future__ import annotations
@@ -31,11 +32,10 @@ from typing import Any
 import pytest
 from sqlalchemy import select, update
 
-from executors.local import STATE_FILE, LocalRunner
-from scheduler import dispatcher, leases, reconciler, tasks, workspaces
+from executors.local import STATE_FILE
+from scheduler import artifacts, dispatcher, local_runs, reconciler, tasks, workspaces
 from scheduler.messages import TASK_CLAIM_PLAN, TASK_DISPATCH, TASK_EXECUTE, RecordingPublisher
 from scheduler.models import StateVersion, Task, TaskEvent, utcnow
-from scheduler.reports import DirectReporter
 from scheduler.runtime import Runtime
 from scheduler.settings import Settings
 from scheduler.states import TaskStatus
@@ -97,10 +97,13 @@ class Rig:
         return runs
 
     def run_here(self, task_id: int, fence: int) -> TaskView:
-        with self.rt.sessions() as s:
-            handoff = leases.load_handoff(s, self.settings, task_id, fence)
-        LocalRunner(self.settings).run(handoff, DirectReporter(self.rt))
+        assert local_runs.execute(self.rt, task_id, fence) is not None, "not runnable"
         return tasks.get(self.rt, task_id)
+
+    def output(self, task_id: int, phase: str) -> str:
+        """A phase's output, as runq stored it (``runq logs``)."""
+        with self.rt.sessions() as s:
+            return artifacts.log_text(s, task_id, phase).decode()
 
     def planned(self, workspace: str) -> tuple[TaskView, int]:
         """Submit a plan+apply, plan it here, confirm it: return the task
@@ -145,8 +148,8 @@ class Rig:
         return rows
 
     def work_state(self, task_id: int) -> dict[str, Any]:
-        """The state file terraform left in the apply's working copy."""
-        path = latest_working_copy(self.settings, task_id) / STATE_FILE
+        """The state file terraform left in the apply's (kept) working copy."""
+        path = latest_working_copy(self.settings, task_id, "apply") / STATE_FILE
         return dict(json.loads(path.read_text()))
 
 
@@ -166,7 +169,7 @@ def apply_pids(rig: Rig, task_id: int, fence: int) -> dict[int, str]:
     provider plugins, provisioner commands): pid -> command name."""
     found = {}
     for pid in pids_with_env(
-        RUNQ_TEST_RIG=rig.env["RUNQ_TEST_RIG"], RUNQ_TASK_ID=str(task_id), RUNQ_FENCE=str(fence)
+        TEST_RUNQ_RIG=rig.env["TEST_RUNQ_RIG"], RUNQ_TASK_ID=str(task_id), RUNQ_FENCE=str(fence)
     ):
         with contextlib.suppress(OSError):
             found[pid] = Path(f"/proc/{pid}/comm").read_text().strip()
@@ -210,11 +213,13 @@ def rig(
         lease_ttl=LEASE_TTL,
         heartbeat_interval=HEARTBEAT,
         kill_grace=10,
+        keep_workdirs=True,
     )
     env = {
         **terraform_env,
-        # Tells this test's processes from other test runs' on the machine.
-        "RUNQ_TEST_RIG": secrets.token_hex(6),
+        # Tells this test's processes from other test runs' on the machine
+        # (not RUNQ_*: runq keeps its own settings from terraform).
+        "TEST_RUNQ_RIG": secrets.token_hex(6),
         "RUNQ_DATABASE_URL": pg_url,
         "RUNQ_REDIS_URL": private_redis.url,
         "RUNQ_DATA_DIR": str(settings.data_dir),
@@ -222,6 +227,7 @@ def rig(
         "RUNQ_LEASE_TTL": str(LEASE_TTL),
         "RUNQ_HEARTBEAT_INTERVAL": str(HEARTBEAT),
         "RUNQ_KILL_GRACE": "10",
+        "RUNQ_KEEP_WORKDIRS": "1",
     }
     publisher = RecordingPublisher()
     rt = Runtime(settings=settings, publisher=publisher, actor="test")
@@ -307,7 +313,7 @@ def test_apply_killed_mid_way_loses_no_state(rig: Rig, reap: list[tuple[int, int
 
     # The next plan+apply plans only what was not created, and applies it.
     nxt, nxt_fence = rig.planned(ws)
-    plan_log = (rig.settings.logs_dir / str(nxt.id) / "plan.log").read_text()
+    plan_log = rig.output(nxt.id, "plan")
     assert will_be_created(plan_log) == set(NAMES) - made, plan_log
     assert (nxt.add, nxt.change, nxt.destroy) == (len(NAMES) - len(made), 0, 0)
     applied = rig.run_here(nxt.id, nxt_fence)
@@ -348,7 +354,7 @@ def test_cancelled_apply_ends_cancelled_with_its_partial_state(
     assert json.loads(stored.content) == rig.work_state(task_id)
     made = created(stored.content)
     assert 1 <= len(made) < len(NAMES), made
-    apply_log = (rig.settings.logs_dir / str(task_id) / "apply.log").read_text()
+    apply_log = rig.output(task_id, "apply")
     assert "Interrupt received" in apply_log, apply_log
     assert not terraform_pids(rig, task_id, fence)
 

@@ -140,10 +140,18 @@ def test_local_workspace_needs_an_existing_dir(rt: Runtime, tmp_path: Path) -> N
     assert "not a directory" in msg
 
 
-def test_unknown_mode_and_agent_without_pool(rt: Runtime) -> None:
-    unchanged(rt, lambda: workspaces.create(rt, "w", mode="ssh"), InvalidInput)
-    msg = unchanged(rt, lambda: workspaces.create(rt, "w", mode="agent"), InvalidInput)
+def test_unknown_mode_and_agent_without_pool(rt: Runtime, src: Path) -> None:
+    d = str(src)
+    unchanged(rt, lambda: workspaces.create(rt, "w", mode="ssh", source_dir=d), InvalidInput)
+    msg = unchanged(
+        rt, lambda: workspaces.create(rt, "w", mode="agent", source_dir=d), InvalidInput
+    )
     assert "--agent-pool" in msg
+    # Every mode needs the directory: it is snapshotted at submit.
+    msg = unchanged(
+        rt, lambda: workspaces.create(rt, "w", mode="agent", agent_pool="p"), InvalidInput
+    )
+    assert "--dir" in msg
 
 
 def test_lock_and_unlock_misuse(rt: Runtime, ws: str) -> None:

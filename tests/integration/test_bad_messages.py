@@ -33,6 +33,7 @@ from tests.integration.helpers import (
     make_workspace,
     task_events,
 )
+from tests.runner_harness import write_script
 
 S = TaskStatus
 HUGE = "a" * (16 * 1024 * 1024)
@@ -202,21 +203,34 @@ def test_messages_for_unknown_or_forged_ids_are_skipped(
     assert tasks.get(rt, started).executor_handle == f"exec:{started}:{f}"
 
 
-def test_a_plan_whose_source_directory_disappeared_fails_clearly(
-    rt: Runtime, src: Path, worker: Runtime, caplog: Any
+def test_a_plan_whose_source_directory_disappeared_runs_its_snapshot(
+    rt: Runtime, src: Path, settings: Settings, tmp_path: Path, caplog: Any
 ) -> None:
-    make_workspace(rt, "gone", src)
-    plan = tasks.submit(rt, "gone", TaskType.PLAN_AND_APPLY)
-    celery_tasks.dispatch.run("gone")  # claims it and publishes execute(id, 1)
-    assert tasks.get(rt, plan.id).fence == 1
-    assert any(k == b"runq.runs" and n == 1 for k, n in broker(rt))
-    shutil.rmtree(src)
+    """The directory was snapshotted at submit: the worker needs it no more.
+    (A fake terraform lists the working copy it runs in.)"""
+    script, marks = write_script(tmp_path, 'ls -A > "$marks/files"\nexit 0\n')
+    use_settings(settings.model_copy(update={"terraform_bin": str(script)}))
+    worker = runtime()
+    try:
+        (src / "main.tf").write_text("# as submitted\n")
+        make_workspace(rt, "gone", src)
+        plan = tasks.submit(rt, "gone", TaskType.PLAN_AND_APPLY)
+        celery_tasks.dispatch.run("gone")  # claims it and publishes execute(id, 1)
+        assert tasks.get(rt, plan.id).fence == 1
+        assert any(k == b"runq.runs" and n == 1 for k, n in broker(rt))
+        shutil.rmtree(src)
 
-    celery_tasks.execute.run(plan.id, 1)
+        celery_tasks.execute.run(plan.id, 1)
 
-    view = tasks.get(rt, plan.id)
-    assert view.status is S.FAILED
-    assert view.error == f"source directory {str(src)!r} does not exist"
-    ev = task_events(rt, plan.id)[-1]
-    assert (ev.from_status, ev.to_status, ev.reason) == (S.PLANNING, S.FAILED, "plan failed")
-    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+        view = tasks.get(rt, plan.id)
+        assert view.status is S.SUCCESS, view.error  # planned: no changes
+        assert (marks / "files").read_text().split() == ["main.tf", "runq_override.tf"]
+        ev = task_events(rt, plan.id)[-1]
+        assert (ev.from_status, ev.to_status, ev.reason) == (
+            S.PLANNING,
+            S.SUCCESS,
+            "plan succeeded",
+        )
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    finally:
+        worker.close()

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from executors.base import Directive, PhaseResult, Reply, StateWritten, StopReason
-from executors.fake import FakeRunner
+from executors.fake import FakeRunner, bundle_of
 from scheduler import artifacts, dispatcher, leases, messages, reconciler, reports, tasks
 from scheduler.errors import IllegalTransition, TaskNotFound
 from scheduler.runtime import Runtime
@@ -191,7 +191,9 @@ def test_a_runner_obeys_the_cancel(rt: Runtime, ws: str) -> None:
     with rt.sessions() as s:
         handoff = leases.load_handoff(s, rt.settings, tid, f)
     runner = FakeRunner(duration=30, heartbeat=0.05)
-    thread = threading.Thread(target=runner.run, args=(handoff, reports.DirectReporter(rt)))
+    thread = threading.Thread(
+        target=runner.run, args=(bundle_of(handoff), reports.DirectReporter(rt))
+    )
     thread.start()
     until(lambda: tasks.get(rt, tid).executor_handle is not None, "the runner started")
     tasks.cancel(rt, tid, actor="alice")

@@ -101,7 +101,7 @@ def broker_messages(redis_url: str, queue: str) -> list[tuple[str, list[Any]]]:
 
 @pytest.mark.parametrize("cli", ["sqlite", "postgres"], indirect=True)
 def test_cli_end_to_end(cli: Cli, redis_url: str) -> None:
-    assert cli.ok("db", "upgrade")["revision"] == "0002"
+    assert cli.ok("db", "upgrade")["revision"] == "0003"
 
     ws = cli.ok("workspace", "create", "net", "--dir", str(cli.source))
     assert (ws["name"], ws["execution_mode"], ws["locked"]) == ("net", "local", False)

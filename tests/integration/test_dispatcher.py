@@ -13,11 +13,11 @@ from redis import Redis
 from sqlalchemy import event, text
 from sqlalchemy.orm import ORMExecuteState
 
+from executors import remote
 from executors.base import Handoff, PhaseResult
 from executors.fake import FakeLauncher
-from scheduler import dispatcher, reconciler, tasks, workspaces
+from scheduler import dispatcher, pools, reconciler, tasks, workspaces
 from scheduler.locks import dirty_key, lock_key
-from scheduler.models import Task, Workspace
 from scheduler.runtime import Runtime
 from scheduler.states import DispatchMode, ExecutionMode, Phase, TaskStatus, TaskType
 from tests.integration.helpers import (
@@ -481,7 +481,7 @@ def test_failed_handoff_keeps_the_claim_and_the_reconciler_resends_it(
     first = tasks.submit(rt, ws, PA)
     second = tasks.submit(rt, ws, PA)
     broken = FakeLauncher(fail_with=ConnectionError("broker unreachable"))
-    monkeypatch.setattr(dispatcher, "launcher_for", lambda mode, publisher: broken)
+    monkeypatch.setattr(dispatcher, "launcher_for", lambda rt, mode: broken)
     recorder(rt).sent.clear()
 
     d = dispatcher.dispatch(rt, ws)
@@ -496,7 +496,7 @@ def test_failed_handoff_keeps_the_claim_and_the_reconciler_resends_it(
 
     # Not yet due: the reconciler leaves it alone.
     working = FakeLauncher()
-    monkeypatch.setattr(dispatcher, "launcher_for", lambda mode, publisher: working)
+    monkeypatch.setattr(dispatcher, "launcher_for", lambda rt, mode: working)
     assert reconciler.sweep(rt).resent == []
     assert working.launched == []
     # Due: re-sent under the same fence, to the same executor mode.
@@ -520,7 +520,7 @@ def test_failed_handoff_of_a_plan_keeps_the_claim(
 ) -> None:
     plan = tasks.submit(rt, ws, TaskType.PLAN)
     broken = FakeLauncher(fail_with=RuntimeError("no route"))
-    monkeypatch.setattr(dispatcher, "launcher_for", lambda mode, publisher: broken)
+    monkeypatch.setattr(dispatcher, "launcher_for", lambda rt, mode: broken)
     d = dispatcher.claim_plan(rt, plan.id)
     assert (d.action, d.fence) == ("claimed_plan", 1)
     _unstarted_claim(rt, plan.id, S.PLANNING, 1)
@@ -529,44 +529,33 @@ def test_failed_handoff_of_a_plan_keeps_the_claim(
     assert fence(rt, plan.id) == 1
 
     working = FakeLauncher()
-    monkeypatch.setattr(dispatcher, "launcher_for", lambda mode, publisher: working)
+    monkeypatch.setattr(dispatcher, "launcher_for", lambda rt, mode: working)
     set_task(rt, plan.id, handoff_at=ago(rt.settings.resend_after + 1))
     assert reconciler.sweep(rt).resent == [plan.id]
     [h] = working.launched
     assert (h.task_id, h.phase, h.fence, h.speculative) == (plan.id, Phase.PLAN, 1, True)
 
 
-def test_agent_mode_handoff_fails_after_its_attempts(rt: Runtime) -> None:
-    """submit refuses agent workspaces, so the row is put there directly; the
-    dispatcher then hands off to the agent launcher, which is not built yet.
-    Every send fails; after RUNQ_HANDOFF_ATTEMPTS the task fails."""
-    workspaces.create(rt, "remote", mode="agent", agent_pool="pool-1")
-    with rt.transaction() as s:
-        ws_row = s.query(Workspace).filter_by(name="remote").one()
-        task = Task(workspace_id=ws_row.id, type=PA, status=S.PENDING, queue_seq=1, fence=0)
-        s.add(task)
-        s.flush()
-        task_id = task.id
+def test_an_agent_handoff_waits_while_its_pool_has_no_live_agent(rt: Runtime, src: Path) -> None:
+    """The bundle goes to the pool's queue; with no live agent to take it,
+    the reconciler neither re-sends it (it would only queue again) nor
+    counts it towards RUNQ_HANDOFF_ATTEMPTS: the task waits, as on TFC."""
+    pools.create(rt, "pool-1")
+    workspaces.create(rt, "remote", mode="agent", agent_pool="pool-1", source_dir=str(src))
+    task_id = tasks.submit(rt, "remote", PA).id
 
     d = dispatcher.dispatch(rt, "remote")
 
     assert d.task_id == task_id
     _unstarted_claim(rt, task_id, S.PLANNING, 1)
-    attempts = rt.settings.handoff_attempts
-    for n in range(2, attempts + 1):
+    [sent] = [m for m in recorder(rt).sent if m.queue == remote.pool_queue("pool-1")]
+    assert sent.task == remote.TASK_AGENT_RUN
+    for _ in range(rt.settings.handoff_attempts + 1):
         set_task(rt, task_id, handoff_at=ago(3601))
-        assert reconciler.sweep(rt).resent == [task_id]
-        assert tasks.get(rt, task_id).handoff_attempts == n
-    set_task(rt, task_id, handoff_at=ago(3601))
-    out = reconciler.sweep(rt)
-    assert (out.resent, out.handoff_failed) == ([], [task_id])
-    view = tasks.get(rt, task_id)
-    assert (view.status, view.fence) == (S.FAILED, 1)
-    assert view.error == (
-        f"hand-off failed: no agent executor started the plan after {attempts} sends"
-    )
-    assert chain(rt, task_id)[-1] == ("planning", "failed")
-    assert handoffs(rt) == []
+        out = reconciler.sweep(rt)
+        assert (out.resent, out.handoff_failed, out.waiting_for_agents) == ([], [], [task_id])
+    _unstarted_claim(rt, task_id, S.PLANNING, 1)
+    assert handoffs(rt) == []  # nothing went to the local runs queue
 
 
 def test_hand_off_after_the_task_moved_on_changes_nothing(rt: Runtime, ws: str) -> None:

@@ -1,16 +1,20 @@
-"""LocalRunner with the real terraform binary (1.0.3), in this process.
+"""PhaseRunner with the real terraform binary (1.0.3), in this process.
 
-Tasks go through the real scheduler functions: ``submit``, then
+Tasks go through the real scheduler functions: ``submit`` (which snapshots
+the workspace's directory into a configuration version), then
 ``dispatcher.claim_plan`` / ``dispatcher.dispatch`` on the messages a
 :class:`RecordingPublisher` caught, and the phase runs from the
-``runq.execute(task_id, fence)`` message: the :class:`Handoff` is read from
-the database (:func:`scheduler.leases.load_handoff`) and run in
-``LocalRunner(...).run`` with a :class:`DirectReporter`, as a worker does. A
+``runq.execute(task_id, fence)`` message: the :class:`Bundle` is built from
+the database (:func:`scheduler.local_runs.execute`) and run by
+``PhaseRunner(...).run`` with a :class:`DirectReporter`, as a worker does. A
 :class:`Pump` replays the recorded messages in order: a Celery worker with the
 broker replaced by a list.
 
-The workspace's Terraform state lives in the database (``state_versions``),
-not in any file: assertions about state read :func:`scheduler.artifacts.latest`.
+Nothing a run needs or leaves is on the worker's disk: the workspace's
+Terraform state lives in ``state_versions`` (assertions read
+:func:`scheduler.artifacts.latest`), the saved plan in ``plan_artifacts``,
+the output in ``log_chunks``; a phase's working copy is removed when it ends
+(tests that look into one set ``keep_workdirs``).
 
 Configurations need no download: outputs only, or ``hashicorp/null`` 2.1.2
 from the filesystem mirror of the ``terraform_env`` fixture.
@@ -21,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -31,24 +36,24 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
+from executors import archive
 from executors.base import Handoff
-from executors.local import PLAN_FILE, STATE_FILE, LocalRunner
-from scheduler import artifacts, dispatcher, leases, tasks, workspaces
-from scheduler.errors import ConcurrentChange
+from executors.local import PLAN_FILE, STATE_FILE
+from scheduler import artifacts, dispatcher, local_runs, tasks, workspaces
+from scheduler.errors import InvalidInput
 from scheduler.messages import (
     TASK_CLAIM_PLAN,
     TASK_DISPATCH,
     TASK_EXECUTE,
     RecordingPublisher,
 )
-from scheduler.models import StateVersion
-from scheduler.reports import DirectReporter
+from scheduler.models import ConfigurationVersion, PlanArtifact, StateVersion, Task
 from scheduler.runtime import Runtime
 from scheduler.settings import Settings
 from scheduler.states import Phase, TaskStatus
 from scheduler.views import TaskView
 from tests.conftest import RedisServer
-from tests.runner_harness import latest_working_copy
+from tests.runner_harness import latest_working_copy, working_copies
 
 pytestmark = [pytest.mark.terraform, pytest.mark.redis]
 
@@ -92,13 +97,9 @@ class Pump:
                 dispatcher.dispatch(self.rt, *message.args)
             elif message.task == TASK_EXECUTE:
                 task_id, fence = message.args  # only these travel
-                try:
-                    with self.rt.sessions() as s:
-                        handoff = leases.load_handoff(s, self.rt.settings, task_id, fence)
-                except ConcurrentChange as exc:
-                    raise AssertionError(f"execute{message.args} was not runnable: {exc}") from exc
-                self.handoffs.append(handoff)
-                LocalRunner(self.rt.settings).run(handoff, DirectReporter(self.rt))
+                bundle = local_runs.execute(self.rt, task_id, fence)
+                assert bundle is not None, f"execute{message.args} was not runnable"
+                self.handoffs.append(bundle.handoff)
             else:
                 raise AssertionError(f"unexpected message {message}")
 
@@ -134,7 +135,33 @@ class Harness:
         return self.confirm(planned.id)
 
     def log(self, task_id: int, phase: str) -> str:
-        return (self.settings.logs_dir / str(task_id) / f"{phase}.log").read_text()
+        """A phase's output as runq stored it (what ``runq logs`` prints)."""
+        with self.rt.sessions() as s:
+            return artifacts.log_text(s, task_id, phase).decode()
+
+    def tune(self, **changes: object) -> Settings:
+        """Change the settings of the runs from now on (the same database)."""
+        self.settings = self.rt.settings = self.settings.model_copy(update=changes)
+        return self.settings
+
+    def config_of(self, task_id: int) -> ConfigurationVersion:
+        with self.rt.sessions() as s:
+            task = s.get(Task, task_id)
+            assert task is not None and task.config_version_id is not None
+            version = s.get(ConfigurationVersion, task.config_version_id)
+            assert version is not None
+            s.expunge(version)
+            return version
+
+    def config_versions(self, workspace: str) -> list[tuple[int, str]]:
+        with self.rt.sessions() as s:
+            ws_id = workspaces.load(s, workspace).id
+            rows = s.execute(
+                select(ConfigurationVersion.id, ConfigurationVersion.sha256)
+                .where(ConfigurationVersion.workspace_id == ws_id)
+                .order_by(ConfigurationVersion.id)
+            ).all()
+        return [(r[0], r[1]) for r in rows]
 
     def versions(self, workspace: str) -> list[StateVersion]:
         """The workspace's stored states, oldest first."""
@@ -228,6 +255,8 @@ def h(
 @pytest.mark.postgres
 def test_plan_and_apply_with_null_provider(h_db: Harness, terraform_bin: str) -> None:
     h = h_db
+    # Kept, to compare what terraform left on disk with what runq stored.
+    h.tune(keep_workdirs=True)
     h.workspace("net", null_config(2))
 
     planned = h.run("net", "plan_and_apply")
@@ -251,8 +280,11 @@ def test_plan_and_apply_with_null_provider(h_db: Harness, terraform_bin: str) ->
     applied = h.confirm(planned.id)
     assert applied.status is TaskStatus.APPLIED, applied.error
     apply_log = h.log(planned.id, "apply")
+    # A fresh working copy on whatever host takes the apply: init installs
+    # the providers the saved plan's lock file names, then the plan applies.
     assert commands(apply_log) == [
-        f"{terraform_bin} apply -input=false -no-color -auto-approve {PLAN_FILE}"
+        f"{terraform_bin} init -input=false -no-color",
+        f"{terraform_bin} apply -input=false -no-color -auto-approve {PLAN_FILE}",
     ]
     assert "Apply complete! Resources: 2 added, 0 changed, 0 destroyed." in apply_log
     assert len(h.instances("net")) == 2
@@ -270,8 +302,17 @@ def test_plan_and_apply_with_null_provider(h_db: Harness, terraform_bin: str) ->
     for v in versions:
         assert (v.sha256, v.size) == (hashlib.sha256(v.content).hexdigest(), len(v.content))
         assert json.loads(v.content)["serial"] == v.serial
-    final = latest_working_copy(h.settings, planned.id) / STATE_FILE
+    final = latest_working_copy(h.settings, planned.id, "apply") / STATE_FILE
     assert versions[-1].content == final.read_bytes()
+    # The apply ran in its own working copy, from the plan's saved plan.
+    [plan_copy] = working_copies(h.settings, planned.id, "plan")
+    assert (plan_copy / PLAN_FILE).read_bytes() == (final.parent / PLAN_FILE).read_bytes()
+    with h.rt.sessions() as s:
+        saved = s.get(PlanArtifact, planned.id)
+        assert saved is not None
+        assert saved.fence == h.pump.handoffs[0].fence
+        assert (saved.sha256, saved.size) == (archive.sha256(saved.content), len(saved.content))
+        assert archive.names(saved.content) == sorted([PLAN_FILE, ".terraform.lock.hcl"])
     # No state file outside the phase's working copy.
     assert not h.settings.state_dir.exists()
 
@@ -280,13 +321,20 @@ def test_logs_per_phase_via_runq_logs(h: Harness, tmp_path: Path) -> None:
     h.workspace("logged", null_config(1))
     task = h.plan_and_apply("logged")
     assert task.status is TaskStatus.APPLIED, task.error
+    fences = {x.phase: x.fence for x in h.pump.handoffs if x.task_id == task.id}
     for phase in ("plan", "apply"):
-        assert (h.settings.logs_dir / str(task.id) / f"{phase}.log").stat().st_size > 0
+        # This host's copy of the output, per claim, is what runq stored.
+        local = h.settings.logs_dir / str(task.id) / f"{phase}-{fences[Phase(phase)]}.log"
+        assert local.stat().st_size > 0
+        assert local.read_text() == h.log(task.id, phase)
+    # Everything that matters was stored: no working copy is left behind.
+    assert working_copies(h.settings, task.id) == []
 
+    # `runq logs` on another host (its own, empty data dir) prints it all.
     env = {k: v for k, v in os.environ.items() if not k.startswith("RUNQ_")}
     env.update(
         RUNQ_DATABASE_URL=h.settings.database_url,
-        RUNQ_DATA_DIR=str(h.settings.data_dir),
+        RUNQ_DATA_DIR=str(tmp_path / "another-host"),
         RUNQ_REDIS_URL=h.settings.redis_url,
     )
     out = subprocess.run(
@@ -301,6 +349,7 @@ def test_logs_per_phase_via_runq_logs(h: Harness, tmp_path: Path) -> None:
     assert set(logs) == {"plan", "apply"}
     assert "Plan: 1 to add" in logs["plan"]
     assert "Apply complete! Resources: 1 added" in logs["apply"]
+    assert logs == {p: h.log(task.id, p) for p in ("plan", "apply")}
 
 
 def test_plan_with_no_changes_succeeds(h: Harness) -> None:
@@ -314,7 +363,8 @@ def test_plan_with_no_changes_succeeds(h: Harness) -> None:
     pa = h.run("empty", "plan_and_apply")
     assert pa.status is TaskStatus.SUCCESS, pa.error
     assert pa.has_changes is False
-    assert not (h.settings.logs_dir / str(pa.id) / "apply.log").exists()
+    assert h.log(pa.id, "apply") == ""
+    assert list((h.settings.logs_dir / str(pa.id)).glob("apply-*.log")) == []
 
 
 def test_output_only_config_counts_as_changes(h: Harness) -> None:
@@ -402,6 +452,7 @@ def test_speculative_plan_takes_no_lock_and_writes_no_state(h: Harness) -> None:
     stored = h.state_bytes("spec")
 
     (src / "main.tf").write_text(null_config(3))
+    h.tune(keep_workdirs=True)  # to look at the plan's private copy of the state
     plan = h.run("spec", "plan")
     assert plan.status is TaskStatus.SUCCESS, plan.error
     assert (plan.has_changes, plan.add, plan.change, plan.destroy) == (True, 2, 0, 0)
@@ -413,15 +464,25 @@ def test_speculative_plan_takes_no_lock_and_writes_no_state(h: Harness) -> None:
     assert not any(c.split()[1] == "apply" for c in commands(plan_log))
     # The plan stored no state, and did not even change its private copy.
     assert [(v.id, v.serial, v.sha256) for v in h.versions("spec")] == before
-    assert (latest_working_copy(h.settings, plan.id) / STATE_FILE).read_bytes() == stored
+    assert (latest_working_copy(h.settings, plan.id, "plan") / STATE_FILE).read_bytes() == stored
+    # And nothing will apply it: no saved plan was kept.
+    with h.rt.sessions() as s:
+        assert s.get(PlanArtifact, plan.id) is None
 
 
-def test_runq_env_reaches_terraform_and_provisioners(h: Harness, tmp_path: Path) -> None:
+def test_runq_env_reaches_terraform_and_provisioners(
+    h: Harness, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The worker's own settings, secrets among them, are in its environment;
+    # terraform and the configuration's provisioners must not see them.
+    monkeypatch.setenv("RUNQ_DATABASE_URL", h.settings.database_url)
+    monkeypatch.setenv("RUNQ_AGENT_TOKEN", "pool-token-s3cret")
+    monkeypatch.setenv("RUNQ_REDIS_URL", h.settings.redis_url)
     record = tmp_path / "commands.txt"
     wrapper = tmp_path / "tf-wrapper.sh"
     wrapper.write_text(
         "#!/bin/sh\n"
-        f'echo "$1 $RUNQ_TASK_ID $RUNQ_WORKSPACE $RUNQ_PHASE" >> "{record}"\n'
+        f'echo "$1 $RUNQ_TASK_ID $RUNQ_WORKSPACE $RUNQ_PHASE $RUNQ_DATABASE_URL" >> "{record}"\n'
         f'exec "{h.settings.terraform_bin}" "$@"\n'
     )
     wrapper.chmod(wrapper.stat().st_mode | stat.S_IXUSR)
@@ -436,16 +497,22 @@ def test_runq_env_reaches_terraform_and_provisioners(h: Harness, tmp_path: Path)
     assert task.status is TaskStatus.APPLIED, task.error
 
     lines = record.read_text().splitlines()
+    # (Each ends with the database URL terraform saw: none.)
     assert lines == [
-        f"init {task.id} envy plan",
-        f"plan {task.id} envy plan",
-        f"show {task.id} envy plan",
-        f"apply {task.id} envy apply",
+        f"init {task.id} envy plan ",
+        f"plan {task.id} envy plan ",
+        f"show {task.id} envy plan ",
+        f"init {task.id} envy apply ",
+        f"apply {task.id} envy apply ",
     ]
     env = dict(line.split("=", 1) for line in seen.read_text().splitlines())
     assert env["RUNQ_TASK_ID"] == str(task.id)
     assert env["RUNQ_WORKSPACE"] == "envy"
     assert env["RUNQ_PHASE"] == "apply"
+    assert env["RUNQ_FENCE"] == str(h.pump.handoffs[-1].fence)
+    # Only what runq tells the run about itself: no database URL, no token.
+    assert set(env) == {"RUNQ_TASK_ID", "RUNQ_WORKSPACE", "RUNQ_PHASE", "RUNQ_FENCE"}
+    assert "s3cret" not in seen.read_text()
 
 
 def test_syntax_error_fails_with_terraform_error_line(h: Harness) -> None:
@@ -508,10 +575,84 @@ def test_missing_terraform_binary_fails_clearly(h: Harness, binary: str) -> None
     assert pa.error is not None and "not found" in pa.error
 
 
-def test_missing_source_dir_fails_clearly(h: Harness) -> None:
+def test_missing_source_dir_is_refused_at_submit(h: Harness) -> None:
+    """The directory is snapshotted at submit, where the user can fix it: a
+    missing one is refused there, and no task is queued."""
     src = h.workspace("gone", null_config(1))
     (src / "main.tf").unlink()
     src.rmdir()
-    task = h.run("gone", "plan")
-    assert task.status is TaskStatus.FAILED
-    assert task.error == f"source directory {str(src)!r} does not exist"
+    with pytest.raises(InvalidInput) as refused:
+        tasks.submit(h.rt, "gone", "plan")
+    assert str(refused.value) == (
+        f"cannot snapshot workspace 'gone': configuration directory {str(src)!r} does not exist"
+    )
+    with h.rt.sessions() as s:
+        assert s.scalars(select(Task.id)).all() == []
+    assert h.config_versions("gone") == []
+    assert h.pump.publisher.sent == []
+
+
+# ------------------------------------------------ configuration versions, saved plans
+
+
+def test_editing_the_directory_after_submit_changes_nothing_the_task_runs(h: Harness) -> None:
+    """A task plans and applies the configuration as it was at submit."""
+    src = h.workspace("snap", null_config(2))
+    (src / "notes.txt").write_text("submitted with two\n")
+    task = tasks.submit(h.rt, "snap", "plan_and_apply")
+    version = h.config_of(task.id)
+    # Edited (and a file added) before the plan even starts...
+    (src / "main.tf").write_text(null_config(5))
+    (src / "extra.tf").write_text('output "late" {\n  value = "added after submit"\n}\n')
+    h.pump.run()
+    planned = tasks.get(h.rt, task.id)
+    assert planned.status is TaskStatus.APPLY_PENDING, planned.error
+    assert (planned.add, planned.change, planned.destroy) == (2, 0, 0)
+    assert "late" not in h.log(task.id, "plan")
+    # ...and again before the apply.
+    (src / "main.tf").write_text(null_config(7))
+    applied = h.confirm(task.id)
+    assert applied.status is TaskStatus.APPLIED, applied.error
+    assert len(h.instances("snap")) == 2
+    assert "late" not in h.state("snap")["outputs"]
+    # Both phases ran the one snapshot taken at submit.
+    assert {x.config_sha256 for x in h.pump.handoffs if x.task_id == task.id} == {version.sha256}
+    assert archive.names(version.content) == ["main.tf", "notes.txt"]
+
+    # The next task snapshots the directory as it is now.
+    nxt = h.run("snap", "plan")
+    assert nxt.status is TaskStatus.SUCCESS, nxt.error
+    assert (nxt.add, nxt.change, nxt.destroy) == (5, 0, 0)
+    assert h.config_of(nxt.id).sha256 != version.sha256
+
+
+def test_an_unchanged_directory_is_stored_once(h: Harness) -> None:
+    h.workspace("once", null_config(1))
+    a = h.run("once", "plan")
+    b = h.run("once", "plan")
+    assert a.status is b.status is TaskStatus.SUCCESS, (a.error, b.error)
+    assert h.config_of(a.id).id == h.config_of(b.id).id
+    assert len(h.config_versions("once")) == 1
+
+
+def test_apply_runs_on_another_host_from_the_stored_saved_plan(h: Harness, tmp_path: Path) -> None:
+    """No disk is shared between the plan and the apply: the plan's host is
+    wiped, and the apply runs on a host with its own RUNQ_DATA_DIR, from the
+    saved plan and state in the database."""
+    h.workspace("moved", null_config(2))
+    planned = h.run("moved", "plan_and_apply")
+    assert planned.status is TaskStatus.APPLY_PENDING, planned.error
+    shutil.rmtree(h.settings.data_dir)  # the plan's host is gone, disk and all
+    other = h.tune(data_dir=tmp_path / "another-host")
+
+    applied = h.confirm(planned.id)
+    assert applied.status is TaskStatus.APPLIED, applied.error
+    assert "Apply complete! Resources: 2 added, 0 changed, 0 destroyed." in h.log(
+        planned.id, "apply"
+    )
+    assert len(h.instances("moved")) == 2
+    assert not h.settings.data_dir.parent.joinpath("data").exists()
+    apply_fence = h.pump.handoffs[-1].fence
+    assert (other.logs_dir / str(planned.id) / f"apply-{apply_fence}.log").is_file()
+    # Its plan's output is still readable: it is stored, not on the lost disk.
+    assert "Plan: 2 to add, 0 to change, 0 to destroy." in h.log(planned.id, "plan")

@@ -32,7 +32,7 @@ def test_no_autogenerate_diff_against_the_models(engine: Engine) -> None:
     assert diff == []
 
 
-HEAD = "0002"
+HEAD = "0003"
 
 
 def test_upgrade_is_at_head_and_idempotent(engine: Engine) -> None:
@@ -46,6 +46,11 @@ def test_upgrade_is_at_head_and_idempotent(engine: Engine) -> None:
         "task_events",
         "state_versions",
         "service_beats",
+        "configuration_versions",
+        "plan_artifacts",
+        "log_chunks",
+        "agent_pools",
+        "agents",
         "alembic_version",
     } <= tables
 

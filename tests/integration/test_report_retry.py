@@ -22,8 +22,9 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 
 from executors.base import Finished, Heartbeat, Started, StateWritten
+from executors.fake import FAKE_PLAN
 from scheduler import tasks
-from scheduler.models import StateVersion
+from scheduler.models import PlanArtifact, StateVersion
 from scheduler.reports import DirectReporter
 from scheduler.runtime import Runtime
 from scheduler.states import Phase, TaskStatus, TaskType
@@ -85,7 +86,7 @@ def test_finished_lands_after_its_backend_is_killed_mid_report(
     killed = kill_backend_at_next_statement(worker, times=2)
     caplog.set_level(logging.WARNING, logger="scheduler.reports")
 
-    reply = reporter.report(Finished(tid, f, Phase.PLAN, PLAN_WITH_CHANGES))
+    reply = reporter.report(Finished(tid, f, Phase.PLAN, PLAN_WITH_CHANGES, plan=FAKE_PLAN))
 
     assert reply.accepted
     assert len(killed) == 2 and killed[0] != killed[1], "two backends were killed"
@@ -96,6 +97,10 @@ def test_finished_lands_after_its_backend_is_killed_mid_report(
     assert [(e.from_status, e.to_status) for e in task_events(rt, tid)].count(
         (S.PLANNING, S.APPLY_PENDING)
     ) == 1
+    # The saved plan was stored in the transition's transaction, once.
+    with rt.sessions() as s:
+        saved = s.get(PlanArtifact, tid)
+        assert saved is not None and (saved.fence, saved.content) == (f, FAKE_PLAN)
 
 
 def test_a_state_write_retried_after_a_kill_is_stored_once(

@@ -7,7 +7,7 @@ import logging
 import pytest
 
 from executors.base import Finished, PhaseResult, Reply, Report, Started
-from executors.fake import FakeRunner
+from executors.fake import FakeRunner, bundle_of
 from scheduler import dispatcher, reports, tasks
 from scheduler.runtime import Runtime
 from scheduler.states import Phase, TaskStatus, TaskType
@@ -81,7 +81,7 @@ def test_a_phase_starts_at_most_once(
 
     # A duplicated launch runs nothing: FakeRunner stops when its start is refused.
     runner = FakeRunner()
-    runner.run(h, reports.DirectReporter(rt))
+    runner.run(bundle_of(h), reports.DirectReporter(rt))
     assert runner.ran == []
     assert status(rt, tid) is S.PLANNING
 
@@ -143,10 +143,10 @@ def test_two_runs_of_one_handoff_start_it_once(rt: Runtime, ws: str) -> None:
         def report(self, report: Report) -> Reply:
             reply = super().report(report)
             if isinstance(report, Started) and reply.accepted:
-                second.run(h, reports.DirectReporter(rt))
+                second.run(bundle_of(h), reports.DirectReporter(rt))
             return reply
 
     first = FakeRunner()
-    first.run(h, StartsTheSecondRun(rt))
+    first.run(bundle_of(h), StartsTheSecondRun(rt))
     assert (first.ran, second.ran) == ([h], [])
     assert status(rt, tid) is S.SUCCESS

@@ -10,7 +10,8 @@ import json
 from sqlalchemy import func, select
 
 from executors.base import Directive, Reply, StateWritten
-from scheduler import artifacts, dispatcher, leases, reconciler, reports, tasks
+from executors.fake import FAKE_PLAN
+from scheduler import artifacts, bundles, dispatcher, reconciler, reports, tasks
 from scheduler.models import StateVersion
 from scheduler.runtime import Runtime
 from scheduler.states import Phase, TaskType
@@ -123,11 +124,13 @@ def test_the_next_apply_continues_the_lineage(rt: Runtime, ws: str) -> None:
     first, f1 = applying(rt, ws)
     assert write(rt, first, f1, 3) == Reply.ok()
     assert end(rt, first, f1, APPLY_OK, Phase.APPLY).accepted
-    # The executor of the next phase is handed the newest state.
+    # The executor of the next phase is handed the newest state, in its bundle
+    # (with the saved plan its own plan sent).
     second, f2 = applying(rt, ws)
-    with rt.sessions() as s:
-        handoff = leases.load_handoff(s, rt.settings, second, f2)
-    assert reports.DirectReporter(rt).current_state(handoff) == state(3)
+    with rt.transaction() as s:
+        bundle = bundles.build(s, rt.settings, second, f2)
+    assert bundle.state == state(3)
+    assert bundle.plan == FAKE_PLAN
     assert refused(write(rt, second, f2, 3, extra="x"), "not newer")
     assert refused(write(rt, second, f2, 4, lineage="fresh"), "differs")
     assert write(rt, second, f2, 4) == Reply.ok()

@@ -9,9 +9,9 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from scheduler import messages, tasks
-from scheduler.errors import NotImplementedYet
 from scheduler.messages import RecordingPublisher
-from scheduler.models import Task, Workspace
+from scheduler.models import ConfigurationVersion, Task, Workspace
+from scheduler.pools import PoolNotFound
 from scheduler.runtime import Runtime
 from scheduler.states import TaskStatus, TaskType
 from tests.integration.helpers import claim_plans, counts, dispatches, make_workspace
@@ -129,12 +129,16 @@ def test_failed_savepoint_in_callers_transaction_keeps_earlier_messages(
     assert claim_plans(rt) == [t.id]
 
 
-def test_submit_to_a_non_local_workspace_is_refused(rt: Runtime) -> None:
+def test_submit_to_an_agent_workspace_without_its_pool_is_refused(rt: Runtime, src: Path) -> None:
+    """No executor could run it: refused at submit, nothing inserted (not
+    even the configuration snapshot) and nothing sent."""
     from scheduler import workspaces
 
-    workspaces.create(rt, "remote", mode="agent", agent_pool="pool-1")
+    workspaces.create(rt, "remote", mode="agent", agent_pool="pool-1", source_dir=str(src))
     before = counts(rt)
-    with pytest.raises(NotImplementedYet, match="agent"):
+    with pytest.raises(PoolNotFound, match="agent pool 'pool-1' does not exist"):
         tasks.submit(rt, "remote", "plan")
+    with rt.sessions() as s:
+        assert s.scalars(select(ConfigurationVersion.id)).all() == []
     assert counts(rt) == before
     assert rt.publisher.sent == []  # type: ignore[attr-defined]

@@ -1,6 +1,6 @@
 """The runner's supervision of terraform, with real processes.
 
-A :class:`~executors.local.LocalRunner` runs one phase against a fake
+A :class:`~executors.local.PhaseRunner` runs one phase's bundle against a fake
 "terraform" (a small shell script, see :mod:`tests.runner_harness`) and
 reports to a :class:`ScriptedReporter` that records every report and answers
 as the scheduler would: go on, interrupt (cancel, timeout), kill (force
@@ -23,18 +23,21 @@ from pathlib import Path
 
 import pytest
 
+from executors import archive
 from executors.base import (
+    Bundle,
     Directive,
     Finished,
     Handoff,
     Heartbeat,
+    LogWritten,
     Reply,
     Report,
     Started,
     StateWritten,
     StopReason,
 )
-from executors.local import PLAN_FILE, STATE_FILE, LocalRunner, working_copy
+from executors.local import PLAN_FILE, STATE_FILE, PhaseRunner
 from scheduler.settings import Settings
 from scheduler.states import ExecutionMode, Phase
 from tests.runner_harness import (
@@ -45,12 +48,14 @@ from tests.runner_harness import (
     ScriptedReporter,
     alive,
     from_heartbeat,
+    make_bundle,
     marks_log,
     read_jsonl,
     reports_of,
     script_pid,
     start_child,
     wait_for,
+    working_copies,
     write_script,
 )
 
@@ -67,7 +72,14 @@ class Rig:
     settings: Settings
     marks: Path
 
-    def handoff(self, phase: Phase = Phase.PLAN, *, timeout: float | None = None) -> Handoff:
+    def bundle(
+        self,
+        phase: Phase = Phase.PLAN,
+        *,
+        timeout: float | None = None,
+        state: bytes | None = None,
+    ) -> Bundle:
+        """The phase's bundle: an apply's carries a saved plan."""
         src = self.root / "src"
         src.mkdir(exist_ok=True)
         (src / "main.tf").write_text("# the fake terraform reads nothing\n")
@@ -78,19 +90,14 @@ class Rig:
             fence=3,
             speculative=False,
             mode=ExecutionMode.LOCAL,
-            source_dir=str(src),
             timeout=timeout,
         )
-        if phase is Phase.APPLY:
-            work = working_copy(self.settings, h.task_id, h.fence - 1)
-            work.mkdir(parents=True, exist_ok=True)
-            (work / PLAN_FILE).write_text("a saved plan")
-        return h
+        return make_bundle(h, src, state=state)
 
-    def run(self, handoff: Handoff, reporter: ScriptedReporter) -> float:
+    def run(self, bundle: Bundle, reporter: ScriptedReporter) -> float:
         """Run the phase in this process; return how long it took."""
         started = time.monotonic()
-        LocalRunner(self.settings).run(handoff, reporter)
+        PhaseRunner(self.settings).run(bundle, reporter)
         return time.monotonic() - started
 
     @property
@@ -137,7 +144,7 @@ def test_interrupt_reply_sends_sigint_and_terraform_stops(
 ) -> None:
     r = rig(tmp_path, GRACEFUL)
     reporter = ScriptedReporter(from_heartbeat(3, stop_reply(reason)))
-    r.run(r.handoff(), reporter)
+    r.run(r.bundle(), reporter)
 
     finished = only_finished(reporter)
     assert finished.result.ok is False
@@ -156,7 +163,7 @@ def test_terraform_ignoring_sigint_is_killed_after_kill_grace(
 ) -> None:
     r = rig(tmp_path, STUBBORN)
     reporter = ScriptedReporter(from_heartbeat(3, stop_reply(reason)))
-    r.run(r.handoff(), reporter)
+    r.run(r.bundle(), reporter)
 
     finished = only_finished(reporter)
     assert finished.result.stopped is reason
@@ -176,7 +183,7 @@ def test_kill_reply_kills_at_once(tmp_path: Path) -> None:
     r = rig(tmp_path, STUBBORN)
     force = stop_reply(StopReason.CANCEL, Directive.KILL)
     reporter = ScriptedReporter(from_heartbeat(3, force))
-    r.run(r.handoff(), reporter)
+    r.run(r.bundle(), reporter)
 
     finished = only_finished(reporter)
     assert finished.result.stopped is StopReason.CANCEL
@@ -205,7 +212,7 @@ def stale_from(is_first_stale: type[Report], n: int = 1) -> Answer:
 def test_stale_heartbeat_kills_terraform_and_nothing_more_is_reported(tmp_path: Path) -> None:
     r = rig(tmp_path, STUBBORN)
     reporter = ScriptedReporter(stale_from(Heartbeat, 3))
-    took = r.run(r.handoff(), reporter)
+    took = r.run(r.bundle(), reporter)
 
     assert reporter.finished == []
     [stale] = [x for x in reporter.log if not x.reply.accepted]
@@ -223,7 +230,7 @@ def test_local_timeout_interrupts_without_the_scheduler(tmp_path: Path) -> None:
     r = rig(tmp_path, GRACEFUL)
     # The scheduler never says "timeout" (a database outage, say).
     reporter = ScriptedReporter()
-    took = r.run(r.handoff(timeout=0.6), reporter)
+    took = r.run(r.bundle(timeout=0.6), reporter)
 
     finished = only_finished(reporter)
     assert finished.result.stopped is StopReason.TIMEOUT
@@ -235,7 +242,7 @@ def test_local_timeout_interrupts_without_the_scheduler(tmp_path: Path) -> None:
 def test_local_timeout_kills_a_stubborn_terraform(tmp_path: Path) -> None:
     r = rig(tmp_path, STUBBORN)
     reporter = ScriptedReporter()
-    took = r.run(r.handoff(timeout=0.6), reporter)
+    took = r.run(r.bundle(timeout=0.6), reporter)
 
     assert only_finished(reporter).result.stopped is StopReason.TIMEOUT
     assert 0.6 + KILL_GRACE <= took < 0.6 + KILL_GRACE + PROMPT, took
@@ -278,7 +285,7 @@ def test_sigterm_to_the_runner_interrupts_terraform_within_shutdown_grace(
     r = rig(tmp_path, body)
     env = {**r.env, "RUNQ_KILL_GRACE": "30"}
     reports = tmp_path / "reports.jsonl"
-    proc = start_child(r.handoff(Phase.APPLY), reports, env=env, log=tmp_path / "child.log")
+    proc = start_child(r.bundle(Phase.APPLY), reports, env=env, log=tmp_path / "child.log")
     children.append(proc.pid)
     pid = script_pid(r.marks)
 
@@ -304,7 +311,7 @@ def test_sigterm_to_the_runner_interrupts_terraform_within_shutdown_grace(
 def test_terraform_dies_with_its_runner(tmp_path: Path, children: list[int]) -> None:
     r = rig(tmp_path, SLEEPER)
     reports = tmp_path / "reports.jsonl"
-    proc = start_child(r.handoff(), reports, env=r.env, log=tmp_path / "child.log")
+    proc = start_child(r.bundle(), reports, env=r.env, log=tmp_path / "child.log")
     children.append(proc.pid)
     pid = script_pid(r.marks)
     assert alive(pid)
@@ -371,9 +378,9 @@ def test_every_new_serial_is_reported_in_order_and_a_torn_write_is_skipped(
         (docs[3], 0.6),
     )
     r = rig(tmp_path, body)
-    # The stored state the apply starts from: never reported back.
-    reporter = ScriptedReporter(state=state_doc(0).encode())
-    r.run(r.handoff(Phase.APPLY), reporter)
+    # The stored state the apply starts from (in its bundle): never reported back.
+    reporter = ScriptedReporter()
+    r.run(r.bundle(Phase.APPLY, state=state_doc(0).encode()), reporter)
 
     assert marks_log(r.marks) == ["wrote-0", "wrote-1", "wrote-2", "wrote-3", "done"]
     finished = only_finished(reporter)
@@ -401,7 +408,7 @@ def test_no_state_is_reported_after_a_stale_reply(tmp_path: Path) -> None:
     r = rig(tmp_path, body, heartbeat=5.0)
     # The second state write is refused as stale: a newer holder owns the task.
     reporter = ScriptedReporter(stale_from(StateWritten, 2))
-    took = r.run(r.handoff(Phase.APPLY), reporter)
+    took = r.run(r.bundle(Phase.APPLY), reporter)
 
     assert [w.serial for w in state_writes(reporter)] == [1, 2]
     [stale] = [x for x in reporter.log if not x.reply.accepted]
@@ -418,7 +425,7 @@ def test_stale_heartbeat_during_apply_stops_state_reports(tmp_path: Path) -> Non
     body = writer((state_doc(1), 0.6), (state_doc(2), 0.6), (state_doc(3), 5))
     r = rig(tmp_path, body)
     reporter = ScriptedReporter(stale_from(Heartbeat, 4))  # ~0.8 s in
-    r.run(r.handoff(Phase.APPLY), reporter)
+    r.run(r.bundle(Phase.APPLY), reporter)
 
     serials = [w.serial for w in state_writes(reporter)]
     stale = reporter.first(lambda x: not x.reply.accepted)
@@ -431,7 +438,7 @@ def test_stale_heartbeat_during_apply_stops_state_reports(tmp_path: Path) -> Non
 def test_started_rejected_runs_nothing(tmp_path: Path) -> None:
     r = rig(tmp_path, SLEEPER)
     reporter = ScriptedReporter(stale_from(Started))
-    r.run(r.handoff(), reporter)
+    r.run(r.bundle(), reporter)
     assert [type(x.report) for x in reporter.log] == [Started]
     assert not (r.marks / "pid").exists()
 
@@ -455,7 +462,9 @@ sleep 0.5
 
 def test_a_resumed_stale_plan_leaves_the_live_apply_alone(tmp_path: Path) -> None:
     r = rig(tmp_path, SHARED)
-    plan = r.handoff()
+    # Kept, so the test can look at each run's working copy afterwards.
+    r.settings = r.settings.model_copy(update={"keep_workdirs": True})
+    plan = r.bundle()
     go, paused = threading.Event(), threading.Event()
 
     def stale_executor(report: Report, _beats: int) -> Reply:
@@ -467,19 +476,25 @@ def test_a_resumed_stale_plan_leaves_the_live_apply_alone(tmp_path: Path) -> Non
             return Reply.ok()
         return Reply.stale("re-claimed while this executor was paused")
 
+    def claim(bundle: Bundle, **changes: object) -> Bundle:
+        return replace(bundle, handoff=replace(bundle.handoff, **changes))
+
     a = threading.Thread(
-        target=LocalRunner(r.settings).run,
-        args=(replace(plan, fence=1), ScriptedReporter(stale_executor)),
+        target=PhaseRunner(r.settings).run,
+        args=(claim(plan, fence=1), ScriptedReporter(stale_executor)),
     )
     a.start()
     assert paused.wait(10)
-    # The plan was re-claimed and run again, confirmed, and its apply claimed.
+    # The plan was re-claimed and run again, confirmed, and its apply claimed:
+    # the apply's bundle carries the saved plan the second plan sent.
     b = ScriptedReporter()
-    LocalRunner(r.settings).run(replace(plan, fence=2), b)
-    assert only_finished(b).result.ok
+    PhaseRunner(r.settings).run(claim(plan, fence=2), b)
+    planned = only_finished(b)
+    assert planned.result.ok and planned.result.has_changes and planned.plan
+    assert archive.names(planned.plan) == [PLAN_FILE]
     c = ScriptedReporter()
-    apply = replace(plan, phase=Phase.APPLY, fence=3)
-    applying = threading.Thread(target=LocalRunner(r.settings).run, args=(apply, c))
+    apply = replace(claim(plan, phase=Phase.APPLY, fence=3), plan=planned.plan)
+    applying = threading.Thread(target=PhaseRunner(r.settings).run, args=(apply, c))
     applying.start()
     wait_for("the apply's first state", lambda: state_writes(c))
     go.set()  # the paused plan executor resumes, mid-apply
@@ -488,3 +503,98 @@ def test_a_resumed_stale_plan_leaves_the_live_apply_alone(tmp_path: Path) -> Non
 
     assert only_finished(c).result.ok
     assert [w.serial for w in state_writes(c)] == [1, 2]
+    # Each run had its own working copy: the apply's holds the plan of fence
+    # 2 and its own final state, whatever the resumed plan did.
+    [apply_copy] = working_copies(r.settings, 7, "apply")
+    assert (apply_copy / PLAN_FILE).read_text() == "planned under fence 2\n"
+    assert json.loads((apply_copy / STATE_FILE).read_text())["serial"] == 2
+    assert len(working_copies(r.settings, 7, "plan")) == 2
+
+
+# ------------------------------------------------ output, environment
+
+#: Prints a line, pauses past a few heartbeats, prints another.
+TALKER = """\
+echo "first line of $1"
+sleep 1
+echo "second line of $1"
+"""
+
+
+def test_output_is_shipped_while_terraform_runs(tmp_path: Path) -> None:
+    r = rig(tmp_path, TALKER)
+    reporter = ScriptedReporter()
+    r.run(r.bundle(), reporter)
+
+    finished = only_finished(reporter)
+    assert finished.result.ok, finished.result.error
+    chunks = [x for x in reporter.log if isinstance(x.report, LogWritten)]
+    # The first line went out at a heartbeat while the plan still ran, not
+    # only at its end.
+    first = next(x for x in chunks if b"first line of plan" in x.report.content)
+    assert b"second line" not in first.report.content
+    assert first.at < reporter.log[-1].at - 0.5
+    # Chunks follow one another, and add up to this host's log file.
+    text = reporter.output
+    assert "first line of plan" in text and "second line of plan" in text
+    h = r.bundle().handoff
+    local = r.settings.logs_dir / str(h.task_id) / f"plan-{h.fence}.log"
+    assert local.read_text() == text
+    # All of it was sent before Finished.
+    assert reporter.log.index(chunks[-1]) < len(reporter.log) - 1
+
+
+#: Writes its environment to the marks directory.
+ENV_DUMP = 'env > "$marks/env"\n'
+
+
+@pytest.mark.parametrize("phase", list(Phase))
+def test_terraform_does_not_see_runqs_secrets(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, phase: Phase
+) -> None:
+    """The configuration's providers and local-exec provisioners run with the
+    worker's environment minus runq's own settings: no database URL, no
+    pool token."""
+    monkeypatch.setenv("RUNQ_DATABASE_URL", "postgresql+psycopg://runq:s3cret@db/runq")
+    monkeypatch.setenv("RUNQ_AGENT_TOKEN", "pool-token-s3cret")
+    monkeypatch.setenv("RUNQ_REDIS_URL", "redis://:s3cret@redis:6379/0")
+    monkeypatch.setenv("TF_VAR_region", "eu-west-1")  # the operator's own: kept
+    r = rig(tmp_path, ENV_DUMP)
+    reporter = ScriptedReporter()
+    r.run(r.bundle(phase), reporter)
+
+    assert only_finished(reporter).result.ok
+    lines = (r.marks / "env").read_text().splitlines()
+    env = dict(line.split("=", 1) for line in lines if "=" in line)
+    assert not any("s3cret" in value for value in env.values()), env
+    assert {k for k in env if k.startswith("RUNQ_")} == {
+        "RUNQ_TASK_ID",
+        "RUNQ_WORKSPACE",
+        "RUNQ_PHASE",
+        "RUNQ_FENCE",
+    }
+    assert (env["RUNQ_TASK_ID"], env["RUNQ_PHASE"], env["RUNQ_FENCE"]) == ("7", str(phase), "3")
+    assert env["TF_VAR_region"] == "eu-west-1"
+
+
+def test_a_stale_reply_to_the_last_output_sends_no_finished(tmp_path: Path) -> None:
+    """The output of the last command failed to send (the database blinked),
+    and is re-sent before Finished: if that says the phase is someone
+    else's now, Finished is not sent."""
+    r = rig(tmp_path, "exit 0\n")
+    sent = {"logs": 0}
+
+    def answer(report: Report, _beats: int) -> Reply:
+        if isinstance(report, LogWritten):
+            sent["logs"] += 1
+            if sent["logs"] == 3:  # after `show`, the last command
+                raise ConnectionError("the database blinked")
+            if sent["logs"] > 3:
+                return Reply.stale("re-claimed meanwhile")
+        return Reply.ok()
+
+    reporter = ScriptedReporter(answer)
+    r.run(r.bundle(), reporter)
+    assert sent["logs"] == 4
+    assert reporter.finished == []
+    assert not reporter.log[-1].reply.accepted

@@ -4,11 +4,15 @@ Each test module gets its own cluster (workers started once per module) and
 says which with module attributes: ``CLUSTER_MODE`` (a DispatchMode),
 ``CLUSTER_REDIS_DB`` (a database of the private redis-server no other module
 uses) and optionally ``CLUSTER_DATABASE = "sqlite"`` (default: the session's
-PostgreSQL database) and ``CLUSTER_BROKERS`` (default ``("redis",)``): with
-``("redis", "amqp")`` every test of the module runs on both brokers, one
-cluster each; the amqp cluster's broker is a private vhost on the machine's
-RabbitMQ (Redis still holds the lock). ``CLUSTER_WORKERS`` and
-``CLUSTER_CONCURRENCY`` (default 2 workers of 3 processes) size it.
+PostgreSQL database), ``CLUSTER_WORKERS`` (default 2) and
+``CLUSTER_CONCURRENCY`` (default 3 processes each), ``CLUSTER_SEPARATE_HOSTS``
+(a data directory per worker; default False), ``CLUSTER_AGENTS`` /
+``CLUSTER_AGENT_CAPACITY`` (``runq agent`` processes, default none),
+``CLUSTER_EXECUTION_MODE`` (the workspaces' default mode) and
+``CLUSTER_BROKERS`` (default ``("redis",)``): with ``("redis", "amqp")``
+every test of the module runs on both brokers, one cluster each; the amqp
+cluster's broker is a private vhost on the machine's RabbitMQ (Redis still
+holds the lock).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from typing import Any
 import pytest
 
 from scheduler.db import make_engine, upgrade
+from scheduler.states import ExecutionMode
 from tests.scenario.cluster import Cluster, redis_db, start_cluster
 from tests.workers import RabbitMQ, RedisServer
 
@@ -63,6 +68,10 @@ def cluster(
         broker_url=broker_url,
         workers=getattr(module, "CLUSTER_WORKERS", 2),
         concurrency=getattr(module, "CLUSTER_CONCURRENCY", 3),
+        separate_hosts=getattr(module, "CLUSTER_SEPARATE_HOSTS", False),
+        agents=getattr(module, "CLUSTER_AGENTS", 0),
+        agent_capacity=getattr(module, "CLUSTER_AGENT_CAPACITY", 2),
+        execution_mode=getattr(module, "CLUSTER_EXECUTION_MODE", ExecutionMode.LOCAL),
     ) as c:
         yield c
     if rabbitmq is not None:
@@ -79,5 +88,6 @@ def pytest_runtest_makereport(
         return
     cluster = getattr(item, "funcargs", {}).get("cluster")
     if isinstance(cluster, Cluster):
-        for name, text in cluster.pool.logs().items():
-            report.sections.append((f"celery worker {name} log (last lines)", text))
+        for name, text in cluster.logs().items():
+            what = "runq agent" if name.startswith("a") else "celery worker"
+            report.sections.append((f"{what} {name} log (last lines)", text))

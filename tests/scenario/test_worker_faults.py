@@ -129,14 +129,15 @@ class FaultCluster(Cluster):
         return view
 
     def work_state(self, task_id: int) -> dict[str, Any]:
-        path = latest_working_copy(self.settings, task_id) / STATE_FILE
+        """The state terraform left in the apply's (kept) working copy."""
+        path = latest_working_copy(self.settings, task_id, "apply") / STATE_FILE
         return dict(json.loads(path.read_text()))
 
     def phase_pids(self, task_id: int, fence: int) -> list[int]:
         """Live processes of this cluster running (task, fence): terraform,
         the slow wrapper, provisioner commands, provider plugins."""
         return pids_with_env(
-            RUNQ_TEST_CLUSTER=self.env["RUNQ_TEST_CLUSTER"],
+            TEST_RUNQ_CLUSTER=self.env["TEST_RUNQ_CLUSTER"],
             RUNQ_TASK_ID=str(task_id),
             RUNQ_FENCE=str(fence),
         )
@@ -208,6 +209,8 @@ def cluster(
         redis_url=redis_url,
         data_dir=root / "data",
         terraform_bin=str(slow),
+        # Kept, to compare what terraform left with what runq stored.
+        keep_workdirs=True,
         **SHORT,  # type: ignore[arg-type]
     )
     env = {
@@ -216,9 +219,11 @@ def cluster(
         "RUNQ_REDIS_URL": redis_url,
         "RUNQ_DATA_DIR": str(settings.data_dir),
         "RUNQ_TERRAFORM_BIN": str(slow),
+        "RUNQ_KEEP_WORKDIRS": "1",
         **{f"RUNQ_{key.upper()}": str(value) for key, value in SHORT.items()},
-        # Tells this cluster's processes (terraform included) from others.
-        "RUNQ_TEST_CLUSTER": secrets.token_hex(6),
+        # Tells this cluster's processes (terraform included) from others
+        # (not RUNQ_*: runq keeps its own settings from terraform).
+        "TEST_RUNQ_CLUSTER": secrets.token_hex(6),
         "SLOW_TF_PLAN_SECONDS": "0",
         "SLOW_TF_APPLY_SECONDS": "0",
     }
@@ -249,7 +254,7 @@ def cluster(
         pool.stop()
         # Provider plugins of a killed worker's terraform outlive it (see the
         # report of test 10): end every process of this cluster's.
-        for pid in pids_with_env(RUNQ_TEST_CLUSTER=env["RUNQ_TEST_CLUSTER"]):
+        for pid in pids_with_env(TEST_RUNQ_CLUSTER=env["TEST_RUNQ_CLUSTER"]):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         c.rt.close()

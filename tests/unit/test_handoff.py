@@ -1,7 +1,10 @@
-"""Handoff: its JSON form, and what the local launcher puts on the broker.
+"""Handoff and Bundle: their JSON forms, and what the local launcher puts on
+the broker.
 
 Since issue 5 the broker carries only (task id, fence); the worker rebuilds
-the hand-off from the database (:func:`scheduler.leases.load_handoff`).
+the hand-off from the database (:func:`scheduler.leases.load_handoff`), and
+since issue 6 the whole bundle (:func:`scheduler.bundles.build`). Agents and
+Kubernetes Jobs get the bundle as JSON, its bytes in base64.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from executors.base import Handoff
+from executors.base import Bundle, Handoff
 from executors.local import LocalLauncher
 from scheduler.messages import QUEUE_RUNS, TASK_EXECUTE, RecordingPublisher
 from scheduler.states import ExecutionMode, Phase
@@ -28,6 +31,14 @@ handoffs = st.builds(
     source_dir=st.none() | st.text(max_size=40),
     agent_pool=st.none() | st.text(max_size=20),
     timeout=st.none() | st.floats(min_value=0.001, max_value=7 * 24 * 3600.0),
+    config_sha256=st.none() | st.from_regex(r"[0-9a-f]{64}", fullmatch=True),
+)
+bundles = st.builds(
+    Bundle,
+    handoff=handoffs,
+    config=st.binary(max_size=200),
+    state=st.none() | st.binary(max_size=200),
+    plan=st.none() | st.binary(max_size=200),
 )
 
 
@@ -51,7 +62,26 @@ def test_json_shape() -> None:
         "source_dir": "/src",
         "agent_pool": None,
         "timeout": 600.0,
+        "config_sha256": None,
     }
+
+
+@given(bundles)
+def test_bundle_json_round_trip(b: Bundle) -> None:
+    wire = json.dumps(b.to_json())  # JSON text only: bytes travel as base64
+    assert Bundle.from_json(json.loads(wire)) == b
+
+
+def test_bundle_json_shape_and_refusals() -> None:
+    h = Handoff(7, "net", Phase.PLAN, 3, False, ExecutionMode.LOCAL)
+    doc = Bundle(h, config=b"\x1f\x8b config", state=None, plan=None).to_json()
+    assert doc == {"handoff": h.to_json(), "config": "H4sgY29uZmln", "state": None, "plan": None}
+    with pytest.raises(ValueError, match="no configuration"):
+        Bundle.from_json({**doc, "config": None})
+    with pytest.raises(ValueError):
+        Bundle.from_json({**doc, "state": "not base64!"})
+    with pytest.raises(TypeError, match="base64 text"):
+        Bundle.from_json({**doc, "plan": 12})
 
 
 def test_from_json_refuses_unknown_values() -> None:

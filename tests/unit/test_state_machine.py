@@ -42,8 +42,8 @@ from executors.base import (
     Report,
     Started,
 )
-from executors.fake import FakeRunner
-from scheduler import dispatcher, leases, reports, tasks, workspaces
+from executors.fake import FAKE_PLAN, FakeRunner
+from scheduler import bundles, dispatcher, reports, tasks, workspaces
 from scheduler.errors import ConcurrentChange, IllegalTransition
 from scheduler.messages import (
     TASK_CLAIM_PLAN,
@@ -172,14 +172,14 @@ class SchedulerMachine(RuleBasedStateMachine):
         cancel_midway: bool,
     ) -> None:
         """What a runs-queue worker does with ``execute(task_id, fence)``:
-        read the hand-off from the database, and run it with a FakeRunner."""
+        build the bundle from the database, and run it with a FakeRunner."""
         task_id, fence = message.args
         assert isinstance(task_id, int) and isinstance(fence, int), message
         assert len(message.args) == 2, "execute carries only (task id, fence)"
         before = self._status(task_id)
         try:
-            with self.rt.sessions() as s:
-                h = leases.load_handoff(s, self.rt.settings, task_id, fence)
+            with self.rt.transaction() as s:
+                bundle = bundles.build(s, self.rt.settings, task_id, fence)
         except ConcurrentChange:
             # Late or duplicate: only a redelivery, or a fresh hand-off whose
             # unstarted claim a user cancelled meanwhile, may find it gone.
@@ -188,6 +188,9 @@ class SchedulerMachine(RuleBasedStateMachine):
             )
             return
         assert not redelivery or before in RUNNING or not self.strict_delivery
+        h = bundle.handoff
+        # An apply applies the saved plan its plan sent; a plan has none.
+        assert bundle.plan == (FAKE_PLAN if h.phase is Phase.APPLY else None)
         plan_result, apply_result = results or (
             PhaseResult(ok=True, has_changes=True, changes=Changes(add=1)),
             PhaseResult(ok=True),
@@ -201,7 +204,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         reporter: reports.DirectReporter = reports.DirectReporter(self.rt)
         if cancel_midway:
             reporter = CancellingReporter(self.rt)
-        runner.run(h, reporter)
+        runner.run(bundle, reporter)
         if redelivery:
             assert runner.ran == [], "a phase started twice"
             return

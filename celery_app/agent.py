@@ -1,0 +1,192 @@
+"""``runq agent``: a Celery worker that runs one pool's phases.
+
+An agent needs the broker and its pool's token, and nothing else: no
+database credentials, no shared disk. It consumes only its pool's queue,
+``runq.pool.<name>``, with at most ``capacity`` phases at once (one pool
+process each, prefetch off: a message it cannot start stays in the queue for
+another agent). Every hand-off is verified against the pool's hand-off key
+before anything runs; every report goes back over the broker, signed
+(:mod:`executors.remote`).
+
+Its main process sends a signed beat every ``RUNQ_AGENT_BEAT_INTERVAL``
+seconds with its capacity and what it runs, which is how the scheduler
+knows the pool's capacity (``runq agent list``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+from celery import Celery
+from celery.signals import worker_ready, worker_shutting_down
+from kombu import Exchange, Queue
+
+from executors import remote, signing
+from executors.base import Bundle
+from scheduler.settings import Settings
+
+log = logging.getLogger(__name__)
+
+app = Celery("runq-agent")
+
+_state: dict[str, Any] = {}
+
+
+def configure(settings: Settings, pool: str, capacity: int, ident: str) -> None:
+    queue = remote.pool_queue(pool)
+    _state.update(settings=settings, pool=pool, capacity=capacity, id=ident)
+    app.conf.update(
+        broker_url=settings.resolved_broker_url,
+        broker_connection_retry_on_startup=True,
+        task_serializer="json",
+        accept_content=["json"],
+        task_ignore_result=True,
+        worker_send_task_events=True,
+        worker_prefetch_multiplier=1,
+        worker_disable_prefetch=True,
+        task_queues=[Queue(queue, Exchange(queue, "direct"), routing_key=queue)],
+        task_default_queue=queue,
+        worker_hijack_root_logger=True,
+    )
+
+
+@app.task(name=remote.TASK_AGENT_RUN, acks_late=False)
+def run(envelope: Any, meta: Any = None) -> None:
+    """Run one phase. acks_late is off for the reason it is on ``execute``:
+    a claim whose agent died before it started is the reconciler's to
+    re-send; one that started is covered by its lease."""
+    settings: Settings = _state["settings"]
+    pool: str = _state["pool"]
+    try:
+        body = signing.open_(signing.derive(settings.agent_token, "handoff"), envelope)
+        bundle = Bundle.from_json(body)
+    except (signing.BadSignature, KeyError, TypeError, ValueError) as exc:
+        log.warning(
+            "rejected a hand-off on pool %s: %s (not from this pool's scheduler)",
+            pool,
+            exc,
+            extra={"action": "handoff_rejected"},
+        )
+        return
+    h = bundle.handoff
+    if h.agent_pool != pool:
+        log.warning("rejected a hand-off for pool %s on pool %s", h.agent_pool, pool)
+        return
+    from executors.local import PhaseRunner
+
+    reporter = remote.BrokerReporter(
+        settings.resolved_broker_url,
+        pool,
+        signing.run_key(settings.agent_token, h.task_id, h.fence),
+        timeout=settings.report_timeout,
+        give_up_after=10 * settings.lease_ttl,
+    )
+    try:
+        PhaseRunner(settings, kind=f"agent:{_state['id']}").run(bundle, reporter)
+    finally:
+        reporter.close()
+
+
+def _running() -> list[dict[str, Any]]:
+    """What this agent runs now: from the main process's active requests."""
+    from celery.worker import state
+
+    out = []
+    for request in list(state.active_requests):
+        args: Any = request.args or []
+        meta = args[1] if len(args) > 1 and isinstance(args[1], dict) else {}
+        out.append({k: meta.get(k) for k in ("task_id", "phase", "fence")})
+    return out
+
+
+@worker_ready.connect
+def _start_beats(sender: Any = None, **_: Any) -> None:
+    if not _state:
+        return
+    settings: Settings = _state["settings"]
+    beats = remote.AgentBeats(
+        settings.resolved_broker_url,
+        _state["pool"],
+        settings.agent_token,
+        _state["capacity"],
+        _running,
+        interval=settings.agent_beat_interval,
+        ident=_state["id"],
+    )
+    _state["beats"] = beats
+    beats.start()
+    beats.send()
+
+
+@worker_shutting_down.connect
+def _stop(**_: Any) -> None:
+    if not _state:
+        return  # not an agent (the core worker's own hook handles it)
+    beats = _state.get("beats")
+    if beats is not None:
+        beats.stop()
+    # Pass SIGTERM to the pool processes, as the core worker does: a phase
+    # interrupts terraform and reports before Docker's SIGKILL.
+    me = os.getpid()
+    try:
+        children = Path(f"/proc/{me}/task/{me}/children").read_text().split()
+    except OSError:
+        return
+    for pid in children:
+        with contextlib.suppress(ProcessLookupError, ValueError):
+            os.kill(int(pid), signal.SIGTERM)
+
+
+def main(settings: Settings, pool: str, capacity: int, loglevel: str = "INFO") -> None:
+    """Check the token with the scheduler, then run the worker until stopped."""
+    if not settings.agent_token:
+        raise SystemExit("runq agent: RUNQ_AGENT_TOKEN is not set (runq pool create prints it)")
+    ident = remote.agent_id()
+    configure(settings, pool, capacity, ident)
+    hello = remote.AgentBeats(
+        settings.resolved_broker_url,
+        pool,
+        settings.agent_token,
+        capacity,
+        list,
+        interval=settings.agent_beat_interval,
+        ident=ident,
+    )
+    try:
+        reply = hello.hello(timeout=settings.report_timeout)
+    except remote.Refused as exc:
+        raise SystemExit(f"runq agent: the scheduler refused this agent: {exc}") from exc
+    except remote.NoReply:
+        log.warning(
+            "no scheduler answered agent %s's first beat in %gs; starting anyway "
+            "(are runq workers running on this broker?)",
+            ident,
+            settings.report_timeout,
+        )
+    else:
+        if not reply.accepted:
+            raise SystemExit(f"runq agent: pool {pool!r} refused this agent: {reply.reason}")
+    log.info("agent %s serving pool %s with capacity %s", ident, pool, capacity)
+    app.worker_main(
+        [
+            "worker",
+            "--loglevel",
+            loglevel,
+            "--concurrency",
+            str(capacity),
+            "--hostname",
+            f"agent-{ident}@%h",
+            "--queues",
+            remote.pool_queue(pool),
+            # Agents need no state from other workers (every hand-off is
+            # self-contained); skipping the sync saves a second at start.
+            # Remote control (Flower's inspect) still reaches them.
+            "--without-mingle",
+            "--without-gossip",
+        ]
+    )
