@@ -2,7 +2,7 @@
 
 Two brokers are supported: Redis (the default, ``RUNQ_REDIS_URL``) and
 RabbitMQ (``RUNQ_BROKER_URL=amqp://...``). Redis holds the workspace lock
-either way. What differs by broker is kept in :func:`_broker_specific`.
+either way. What differs by broker is kept in :func:`broker_specific`.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from typing import Any
 
 from kombu import Exchange, Queue
 
+from scheduler.brokers import broker_kind, transport_options
 from scheduler.messages import (
     ALL_QUEUES,
     QUEUE_DISPATCH,
@@ -22,6 +23,8 @@ from scheduler.messages import (
     TASK_RECONCILE,
 )
 from scheduler.settings import Settings
+
+__all__ = ["broker_kind", "broker_specific", "celery_config"]
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -46,7 +49,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # starts, so on its own this still lets a worker whose processes all
         # run terraform reserve claims and dispatches it cannot start for
         # minutes while other workers sit idle. How each broker is kept from
-        # that: see _broker_specific.
+        # that: see broker_specific.
         "worker_prefetch_multiplier": 1,
         # On a lost broker connection, let running claims and dispatches
         # finish: their late acks fail and the broker re-delivers them, and a
@@ -80,26 +83,12 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # Beat's bookkeeping lives with runq's other files, not in the cwd.
         "beat_schedule_filename": str(settings.data_dir.resolve() / "celerybeat-schedule"),
         "worker_hijack_root_logger": True,
-        **_broker_specific(settings.resolved_broker_url),
+        **broker_specific(settings.resolved_broker_url),
     }
 
 
-#: URL schemes of the brokers runq knows (kombu's names for them).
-AMQP_SCHEMES = frozenset({"amqp", "amqps", "pyamqp"})
-REDIS_SCHEMES = frozenset({"redis", "rediss"})
-
-
-def broker_kind(url: str) -> str:
-    """``"redis"``, ``"amqp"``, or the URL's scheme for any other broker."""
-    scheme = url.split("://", 1)[0].lower() if "://" in url else url.lower()
-    if scheme in AMQP_SCHEMES:
-        return "amqp"
-    if scheme in REDIS_SCHEMES:
-        return "redis"
-    return scheme
-
-
-def _broker_specific(url: str) -> dict[str, Any]:
+def broker_specific(url: str) -> dict[str, Any]:
+    """The Celery settings that differ by broker (both apps use them)."""
     kind = broker_kind(url)
     if kind == "redis":
         return {
@@ -109,19 +98,15 @@ def _broker_specific(url: str) -> dict[str, Any]:
         }
     if kind == "amqp":
         return {
-            # Publisher confirms: a publish returns once RabbitMQ has taken
-            # the message (persisted it, for our durable queues), and raises
-            # when it did not (a nack, or the channel closed under it, e.g.
-            # by a deleted exchange). Without them a basic.publish is
-            # fire-and-forget, and a message the broker dropped would look
-            # sent; the outbox and the reconciler rely on a failed send
-            # raising.
-            "broker_transport_options": {"confirm_publish": True},
-            # No worker_disable_prefetch here: RabbitMQ pushes up to the
-            # channel's prefetch count, so celery_app.prefetch shrinks that
-            # count while `execute` runs terraform instead. It owns the count:
-            # Celery's own cut after a reconnect (by every running task, then
-            # raised step by step as tasks end) would fight it.
+            # Publisher confirms: see scheduler.brokers.transport_options.
+            "broker_transport_options": transport_options(url),
+            # Celery ignores worker_disable_prefetch here (with a warning in
+            # every worker's log): RabbitMQ pushes up to the channel's
+            # prefetch count, so celery_app.prefetch shrinks that count while
+            # `execute` runs terraform instead. It owns the count: Celery's
+            # own cut after a reconnect (by every running task, then raised
+            # step by step as tasks end) would fight it.
+            "worker_disable_prefetch": False,
             "worker_enable_prefetch_count_reduction": False,
         }
     return {}

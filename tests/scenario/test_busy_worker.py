@@ -25,7 +25,7 @@ from tests.workers import RabbitMQ
 pytestmark = [pytest.mark.scenario, pytest.mark.postgres, pytest.mark.terraform]
 
 CLUSTER_MODE = DispatchMode.NEW
-CLUSTER_REDIS_DB = 4
+CLUSTER_REDIS_DB = 5
 CLUSTER_BROKERS = ("redis", "amqp")
 CLUSTER_WORKERS = 1
 CLUSTER_CONCURRENCY = 2

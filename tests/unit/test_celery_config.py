@@ -95,7 +95,8 @@ def test_amqp_broker_confirms_publishes_and_leaves_prefetch_to_the_run_slots() -
     assert conf["broker_transport_options"] == {"confirm_publish": True}
     # Celery ignores worker_disable_prefetch on amqp, with a warning in every
     # worker's log; celery_app.prefetch does that job there.
-    assert "worker_disable_prefetch" not in conf
+    assert conf["worker_disable_prefetch"] is False
+    assert conf["worker_enable_prefetch_count_reduction"] is False
     assert conf["worker_prefetch_multiplier"] == 1
 
 
@@ -116,3 +117,31 @@ def test_execute_keeps_its_prefetch_slot_while_it_runs() -> None:
 
     assert tasks.execute.Request is ExecuteRequest
     assert HoldRunSlots in app.steps["consumer"]
+
+
+@pytest.mark.parametrize(
+    ("url", "options"),
+    [("redis://a:1/0", {}), ("amqp://guest@mq:5672/runq", {"confirm_publish": True})],
+)
+def test_plain_kombu_connections_confirm_on_amqp_too(url: str, options: dict[str, bool]) -> None:
+    # Agents' reports, the report consumer's replies: kombu connections of
+    # their own, with the Celery apps' publish guarantee.
+    from scheduler.brokers import transport_options
+
+    assert transport_options(url) == options
+
+
+@pytest.mark.parametrize("url", ["redis://a:1/0", "amqp://guest@mq:5672/runq"])
+def test_agents_take_the_same_broker_specific_settings(url: str, tmp_path: Path) -> None:
+    from celery_app import agent
+    from celery_app.config import broker_specific
+    from celery_app.prefetch import ExecuteRequest, HoldRunSlots
+
+    agent.configure(Settings(broker_url=url, data_dir=tmp_path), "blue", 2, "agent-1")
+    for key, value in broker_specific(url).items():
+        assert agent.app.conf[key] == value
+    assert agent.app.conf.worker_disable_prefetch is (broker_kind(url) == "redis")
+    [queue] = agent.app.conf.task_queues
+    assert (queue.name, queue.durable) == ("runq.pool.blue", True)
+    assert agent.run.Request is ExecuteRequest
+    assert HoldRunSlots in agent.app.steps["consumer"]
