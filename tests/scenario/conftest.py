@@ -30,9 +30,15 @@ from tests.workers import RabbitMQ, RedisServer
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    if "cluster" in metafunc.fixturenames:
-        brokers = getattr(metafunc.module, "CLUSTER_BROKERS", ("redis",))
+    brokers = getattr(metafunc.module, "CLUSTER_BROKERS", None)
+    if brokers is not None and "broker" in metafunc.fixturenames:
         metafunc.parametrize("broker", brokers, scope="module")
+
+
+@pytest.fixture(scope="module")
+def broker() -> str:
+    """The cluster's broker, where the module names no CLUSTER_BROKERS."""
+    return "redis"
 
 
 @pytest.fixture(scope="module")
