@@ -28,10 +28,12 @@ from its acknowledgement until it ends:
 After a lost connection the new consumer starts with the runs still going
 held against it (:meth:`RunSlots.attach`). What is left: a message pushed in
 the instant between a plain task's ack and the next accept can still wait
-behind a run that starts then; the
-reconciler re-sends a claim or hand-off that waits longer than
-``RUNQ_RESEND_AFTER`` (another worker takes it; the late copy is then a
-stale hint), and a dispatch is re-sent every sweep while work waits.
+behind a run that starts then. The reconciler bounds that: it re-sends a
+claim or hand-off that waits longer than ``RUNQ_RESEND_AFTER`` (another
+worker takes it; the late copy is then a stale hint), and a dispatch every
+sweep while work waits.
+
+An agent (:mod:`celery_app.agent`) holds its phases' slots the same way.
 """
 
 from __future__ import annotations
