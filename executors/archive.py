@@ -88,6 +88,12 @@ def pack_files(members: Iterable[tuple[str, Path]], limit: int, *, what: str) ->
         total = 0
         for name, path in sorted(members):
             info = tar.gettarinfo(str(path), arcname=name)
+            if info.islnk():
+                # A second name for an inode already packed: stored as a file
+                # of its own, so the digest does not depend on hard links.
+                info.type = tarfile.REGTYPE
+                info.linkname = ""
+                info.size = path.stat().st_size
             info.mtime = 0
             info.uid = info.gid = 0
             info.uname = info.gname = ""
@@ -100,7 +106,10 @@ def pack_files(members: Iterable[tuple[str, Path]], limit: int, *, what: str) ->
             if info.isfile():
                 total += info.size
                 if total > 8 * limit:  # even gzip will not bring this under the limit
-                    raise ArchiveError(f"{what} is over {limit} bytes")
+                    raise ArchiveError(
+                        f"{what} is over {total} bytes before compression, "
+                        f"far over the limit of {limit} bytes"
+                    )
                 with path.open("rb") as fh:
                     tar.addfile(info, fh)
             else:

@@ -35,7 +35,7 @@ from executors import archive
 from executors.base import LogWritten, Reply, StateWritten
 from scheduler.errors import InvalidInput, NotFound
 from scheduler.models import ConfigurationVersion, LogChunk, PlanArtifact, StateVersion, Task
-from scheduler.states import TaskStatus
+from scheduler.states import TaskStatus, phase_of
 
 log = logging.getLogger(__name__)
 
@@ -252,6 +252,11 @@ def store_log(session: Session, report: LogWritten) -> Reply:
         return Reply.stale(f"task {report.task_id} does not exist")
     if task.fence != report.fence:
         return Reply.stale(f"fence {report.fence} is stale (the task holds {task.fence})")
+    # Only while the claim runs that phase: output under another phase's name,
+    # or after the phase ended (its Finished ships the last of it first).
+    running = phase_of(TaskStatus(task.status))
+    if running is not report.phase:
+        return Reply.stale(f"task is {task.status}, not running a {report.phase}")
     exists = session.scalar(
         select(LogChunk.id).where(
             LogChunk.task_id == report.task_id,

@@ -59,7 +59,9 @@ def of(session: Session, settings: Settings, task: Task, ws: Workspace, handoff:
             raise Unrunnable(handoff, f"task {task.id} has no saved plan to apply")
         plan = saved.content
     return Bundle(
-        handoff=replace(handoff, config_sha256=version.sha256),
+        # The submitting host's directory means nothing to an executor (it
+        # runs the snapshot), and a path on it should not travel to agents.
+        handoff=replace(handoff, config_sha256=version.sha256, source_dir=None),
         config=version.content,
         state=state.content if state is not None else None,
         plan=plan,

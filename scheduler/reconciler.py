@@ -219,6 +219,13 @@ def _pool_has_room(rt: Runtime, ws: Workspace, room: dict[str, bool]) -> bool:
             except pools.PoolNotFound:
                 capacity = busy = 0
         room[name] = busy < capacity
+        if capacity == 0:
+            # Not an error (agents may come), but nothing runs until they do.
+            log.warning(
+                "agent pool %s has no live agent: its hand-offs wait",
+                name,
+                extra={"action": "pool_without_agents", "pool": name},
+            )
     return room[name]
 
 

@@ -321,3 +321,15 @@ def applying(rt: Runtime, ws: str) -> tuple[int, int]:
     assert decision.action == "claimed_apply" and decision.task_id == tid
     assert decision.fence == f + 1
     return tid, f + 1
+
+
+def deliver_hint(rt: Runtime, message: Message) -> bool:
+    """Do what a worker does with a ``claim_plan`` or ``dispatch`` hint;
+    False (and nothing done) for any other message."""
+    if message.task == TASK_CLAIM_PLAN:
+        dispatcher.claim_plan(rt, *message.args)
+    elif message.task == TASK_DISPATCH:
+        dispatcher.dispatch(rt, *message.args)
+    else:
+        return False
+    return True

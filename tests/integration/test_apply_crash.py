@@ -33,14 +33,15 @@ import pytest
 from sqlalchemy import select, update
 
 from executors.local import STATE_FILE
-from scheduler import artifacts, dispatcher, local_runs, reconciler, tasks, workspaces
-from scheduler.messages import TASK_CLAIM_PLAN, TASK_DISPATCH, TASK_EXECUTE, RecordingPublisher
+from scheduler import artifacts, local_runs, reconciler, tasks, workspaces
+from scheduler.messages import TASK_EXECUTE, RecordingPublisher
 from scheduler.models import StateVersion, Task, TaskEvent, utcnow
 from scheduler.runtime import Runtime
 from scheduler.settings import Settings
 from scheduler.states import TaskStatus
 from scheduler.views import TaskView
 from tests.conftest import RedisServer
+from tests.integration.helpers import deliver_hint
 from tests.runner_harness import (
     CHAIN,
     NAMES,
@@ -87,11 +88,7 @@ class Rig:
         while self.delivered < len(self.publisher.sent):
             message = self.publisher.sent[self.delivered]
             self.delivered += 1
-            if message.task == TASK_CLAIM_PLAN:
-                dispatcher.claim_plan(self.rt, *message.args)
-            elif message.task == TASK_DISPATCH:
-                dispatcher.dispatch(self.rt, *message.args)
-            elif message.task == TASK_EXECUTE:
+            if not deliver_hint(self.rt, message) and message.task == TASK_EXECUTE:
                 task_id, fence = message.args
                 runs.append((int(task_id), int(fence)))
         return runs

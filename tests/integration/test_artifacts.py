@@ -106,6 +106,11 @@ def test_an_oversized_directory_is_refused_at_submit(
     assert message.startswith("cannot snapshot workspace 'net': configuration directory")
     assert "bytes compressed, over the limit of 4096 bytes" in message
     assert "RUNQ_MAX_CONFIG_BYTES" in message
+    # Far over it before compression: refused without compressing it all.
+    (src / "blob.bin").write_bytes(b"\0" * 64 * 1024)
+    message = refused_unchanged(small, ws)
+    assert "before compression, far over the limit of 4096 bytes" in message
+    assert "RUNQ_MAX_CONFIG_BYTES" in message
     # The default limit takes it.
     assert tasks.submit(rt, ws, TaskType.PLAN).status is TaskStatus.PENDING
 
@@ -379,9 +384,16 @@ def test_log_chunks_under_a_stale_fence_are_rejected(
     assert is_stale(send(rt, tid, f - 1, 0, b"from a superseded executor\n"))
     assert is_stale(send(rt, tid, f + 1, 5, b"forged\n"))
     assert is_stale(send(rt, 999_999, 1, 0, b"no such task\n"))
+    # The current fence, but not the phase it runs.
+    wrong = LogWritten(tid, f, Phase.APPLY, 5, b"under the wrong phase\n")
+    assert is_stale(reports.accept(rt, wrong))
     assert everything(rt) == before
     assert chunks(rt, tid) == [("plan", f, 0, b"live\n")]
-    assert len(rejected_reports(caplog.records)) == 3
+    assert len(rejected_reports(caplog.records)) == 4
+    # After the phase ended, nothing more is added to its output.
+    assert end(rt, tid, f, PLAN_NO_CHANGES).accepted
+    assert is_stale(send(rt, tid, f, 5, b"late\n"))
+    assert output(rt, tid) == b"live\n"
 
 
 def test_log_text_is_the_latest_claim_of_each_phase(rt: Runtime, ws: str) -> None:

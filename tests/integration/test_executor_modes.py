@@ -36,12 +36,13 @@ from executors import remote
 from executors.base import Handoff
 from scheduler import artifacts, dispatcher, leases, local_runs, pools, tasks, workspaces
 from scheduler import remote as server
-from scheduler.messages import TASK_CLAIM_PLAN, TASK_DISPATCH, TASK_EXECUTE, RecordingPublisher
+from scheduler.messages import TASK_EXECUTE, RecordingPublisher
 from scheduler.models import Task, TaskEvent, Workspace
 from scheduler.runtime import Runtime
 from scheduler.settings import Settings
 from scheduler.states import TaskStatus
 from scheduler.transitions import transition
+from tests.integration.helpers import deliver_hint
 from tests.workers import terraform_offline_env, write_slow_terraform
 
 pytestmark = [pytest.mark.terraform, pytest.mark.redis, pytest.mark.postgres]
@@ -148,10 +149,8 @@ class Cluster:
         if self.delivered < len(self.publisher.sent):
             message = self.publisher.sent[self.delivered]
             self.delivered += 1
-            if message.task == TASK_CLAIM_PLAN:
-                dispatcher.claim_plan(self.rt, *message.args)
-            elif message.task == TASK_DISPATCH:
-                dispatcher.dispatch(self.rt, *message.args)
+            if deliver_hint(self.rt, message):
+                pass
             elif message.task == TASK_EXECUTE:
                 local_runs.execute(self.rt, *message.args)
             elif message.task == remote.TASK_AGENT_RUN:

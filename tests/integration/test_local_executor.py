@@ -39,11 +39,9 @@ from sqlalchemy import select
 from executors import archive
 from executors.base import Handoff
 from executors.local import PLAN_FILE, STATE_FILE
-from scheduler import artifacts, dispatcher, local_runs, tasks, workspaces
+from scheduler import artifacts, local_runs, tasks, workspaces
 from scheduler.errors import InvalidInput
 from scheduler.messages import (
-    TASK_CLAIM_PLAN,
-    TASK_DISPATCH,
     TASK_EXECUTE,
     RecordingPublisher,
 )
@@ -53,6 +51,7 @@ from scheduler.settings import Settings
 from scheduler.states import Phase, TaskStatus
 from scheduler.views import TaskView
 from tests.conftest import RedisServer
+from tests.integration.helpers import deliver_hint
 from tests.runner_harness import latest_working_copy, working_copies
 
 pytestmark = [pytest.mark.terraform, pytest.mark.redis]
@@ -91,10 +90,8 @@ class Pump:
         while self.delivered < len(self.publisher.sent):
             message = self.publisher.sent[self.delivered]
             self.delivered += 1
-            if message.task == TASK_CLAIM_PLAN:
-                dispatcher.claim_plan(self.rt, *message.args)
-            elif message.task == TASK_DISPATCH:
-                dispatcher.dispatch(self.rt, *message.args)
+            if deliver_hint(self.rt, message):
+                pass
             elif message.task == TASK_EXECUTE:
                 task_id, fence = message.args  # only these travel
                 bundle = local_runs.execute(self.rt, task_id, fence)

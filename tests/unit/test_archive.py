@@ -125,7 +125,7 @@ def test_the_size_limit_names_both_sizes(tmp_path: Path) -> None:
     assert size > 10_000
     # Far over the limit before compression: refused without packing it all.
     (root / "huge.bin").write_bytes(b"\0" * 200_000)
-    with pytest.raises(archive.ArchiveError, match="over 10000 bytes"):
+    with pytest.raises(archive.ArchiveError, match="far over the limit of 10000 bytes"):
         archive.pack_dir(root, 10_000)
     assert archive.pack_dir(root, LIMIT)
 
@@ -229,3 +229,15 @@ def test_a_symlink_spelled_through_the_outside_but_pointing_inside_unpacks(
     (moved / "modules" / "net.tf").unlink()
     (moved / "modules" / "net.tf").symlink_to(moved / "modules" / "net" / "main.tf")
     assert archive.pack_dir(moved, LIMIT) == data
+
+
+def test_hard_links_do_not_change_the_digest(tmp_path: Path) -> None:
+    linked, copied = tmp_path / "linked", tmp_path / "copied"
+    for d in (linked, copied):
+        d.mkdir()
+        (d / "a.tf").write_text('output "a" { value = 1 }\n')
+    os.link(linked / "a.tf", linked / "b.tf")
+    (copied / "b.tf").write_text('output "a" { value = 1 }\n')
+    assert archive.sha256(archive.pack_dir(linked, LIMIT)) == archive.sha256(
+        archive.pack_dir(copied, LIMIT)
+    )
