@@ -236,6 +236,9 @@ def serve(rt: Runtime, stop: Any, *, poll: float = 1.0) -> None:
                 url, connect_timeout=5, transport_options=transport_options(url)
             ) as conn:
                 queue = conn.SimpleQueue(remote.reports_queue())  # type: ignore[arg-type]
+                # Without a limit RabbitMQ pushes every pending report to the
+                # first consumer; other workers' threads would sit idle.
+                queue.consumer.qos(prefetch_count=16)
                 while not stop.is_set():
                     try:
                         message = queue.get(block=True, timeout=poll)
