@@ -26,6 +26,8 @@ from celery import Celery
 from celery.signals import worker_ready, worker_shutting_down
 from kombu import Exchange, Queue
 
+from celery_app.config import broker_specific
+from celery_app.prefetch import ExecuteRequest, HoldRunSlots
 from executors import remote, signing
 from executors.base import Bundle
 from scheduler.settings import Settings
@@ -33,6 +35,8 @@ from scheduler.settings import Settings
 log = logging.getLogger(__name__)
 
 app = Celery("runq-agent")
+# RabbitMQ: a running phase keeps its prefetch slot (celery_app.prefetch).
+app.steps["consumer"].add(HoldRunSlots)
 
 _state: dict[str, Any] = {}
 
@@ -48,18 +52,24 @@ def configure(settings: Settings, pool: str, capacity: int, ident: str) -> None:
         task_ignore_result=True,
         worker_send_task_events=True,
         worker_prefetch_multiplier=1,
-        worker_disable_prefetch=True,
-        task_queues=[Queue(queue, Exchange(queue, "direct"), routing_key=queue)],
+        # Redis: worker_disable_prefetch. RabbitMQ: publisher confirms, and
+        # the run slots above in place of Celery's prefetch cut.
+        **broker_specific(settings.resolved_broker_url),
+        task_queues=[
+            Queue(queue, Exchange(queue, "direct", durable=True), routing_key=queue, durable=True)
+        ],
         task_default_queue=queue,
         worker_hijack_root_logger=True,
     )
 
 
-@app.task(name=remote.TASK_AGENT_RUN, acks_late=False)
+@app.task(name=remote.TASK_AGENT_RUN, acks_late=False, Request=ExecuteRequest)
 def run(envelope: Any, meta: Any = None) -> None:
-    """Run one phase. acks_late is off for the reason it is on ``execute``:
+    """Run one phase. acks_late is off for the reasons it is on ``execute``:
     a claim whose agent died before it started is the reconciler's to
-    re-send; one that started is covered by its lease."""
+    re-send; one that started is covered by its lease; and RabbitMQ would
+    close the channel of a delivery held past its consumer_timeout. Its
+    request keeps the prefetch slot the early ack frees (celery_app.prefetch)."""
     settings: Settings = _state["settings"]
     pool: str = _state["pool"]
     try:

@@ -15,6 +15,7 @@ from celery import Celery
 from celery.signals import beat_init, worker_process_init, worker_ready, worker_shutting_down
 
 from celery_app.config import celery_config
+from celery_app.prefetch import HoldRunSlots
 from celery_app.runtime import build_runtime
 from scheduler.runtime import Runtime
 from scheduler.settings import Settings
@@ -22,6 +23,8 @@ from scheduler.settings import Settings
 log = logging.getLogger(__name__)
 
 app = Celery("runq", include=["celery_app.tasks"])
+# RabbitMQ: a running `execute` keeps its prefetch slot (celery_app.prefetch).
+app.steps["consumer"].add(HoldRunSlots)
 
 _settings: Settings | None = None
 _runtime: Runtime | None = None

@@ -1,4 +1,9 @@
-"""Settings -> Celery configuration, and queue routing."""
+"""Settings -> Celery configuration, and queue routing.
+
+Two brokers are supported: Redis (the default, ``RUNQ_REDIS_URL``) and
+RabbitMQ (``RUNQ_BROKER_URL=amqp://...``). Redis holds the workspace lock
+either way. What differs by broker is kept in :func:`broker_specific`.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,7 @@ from typing import Any
 
 from kombu import Exchange, Queue
 
+from scheduler.brokers import broker_kind, transport_options
 from scheduler.messages import (
     ALL_QUEUES,
     QUEUE_DISPATCH,
@@ -17,6 +23,8 @@ from scheduler.messages import (
     TASK_RECONCILE,
 )
 from scheduler.settings import Settings
+
+__all__ = ["broker_kind", "broker_specific", "celery_config"]
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -36,20 +44,30 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_send_task_events": True,
         "task_send_sent_event": True,
         # A worker must not hoard messages it cannot start: with prefetch 1 a
-        # long terraform run holds one message, not four.
+        # long terraform run holds one message, not four. But prefetch counts
+        # unacknowledged messages, and `execute` is acknowledged when it
+        # starts, so on its own this still lets a worker whose processes all
+        # run terraform reserve claims and dispatches it cannot start for
+        # minutes while other workers sit idle. How each broker is kept from
+        # that: see broker_specific.
         "worker_prefetch_multiplier": 1,
-        # ...but prefetch 1 counts unacknowledged messages, and `execute` is
-        # acknowledged when it starts: a worker whose processes all run
-        # terraform would still reserve claim and dispatch messages it cannot
-        # start for minutes, while other workers sit idle. Fetch only into a
-        # free process (Redis broker; Celery >= 5.6).
-        "worker_disable_prefetch": True,
+        # On a lost broker connection, let running claims and dispatches
+        # finish: their late acks fail and the broker re-delivers them, and a
+        # second run of either is a stale hint. Killing them mid-transaction
+        # would gain nothing. (Celery 5.7 still logs a pending-deprecation
+        # warning on each reconnect with this off.)
+        "worker_cancel_long_running_tasks_on_connection_loss": False,
         # One direct exchange per queue: a bare Queue(name) would bind every
         # queue to the default queue's exchange and routing key, so a publish
         # to that exchange would land in all three.
+        # Durable exchanges and queues and persistent messages (Celery's
+        # default delivery mode): a RabbitMQ restart keeps what was queued.
+        # Redis keeps it only as far as its own persistence is configured.
         "task_queues": [
-            Queue(name, Exchange(name, "direct"), routing_key=name) for name in ALL_QUEUES
+            Queue(name, Exchange(name, "direct", durable=True), routing_key=name, durable=True)
+            for name in ALL_QUEUES
         ],
+        "task_default_delivery_mode": "persistent",
         "task_default_queue": QUEUE_DISPATCH,
         "task_routes": {
             TASK_CLAIM_PLAN: {"queue": QUEUE_PLANS},
@@ -65,4 +83,30 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # Beat's bookkeeping lives with runq's other files, not in the cwd.
         "beat_schedule_filename": str(settings.data_dir.resolve() / "celerybeat-schedule"),
         "worker_hijack_root_logger": True,
+        **broker_specific(settings.resolved_broker_url),
     }
+
+
+def broker_specific(url: str) -> dict[str, Any]:
+    """The Celery settings that differ by broker (both apps use them)."""
+    kind = broker_kind(url)
+    if kind == "redis":
+        return {
+            # Fetch only into a free process (Celery >= 5.6; Redis transport
+            # only: on any other broker Celery logs a warning and ignores it).
+            "worker_disable_prefetch": True,
+        }
+    if kind == "amqp":
+        return {
+            # Publisher confirms: see scheduler.brokers.transport_options.
+            "broker_transport_options": transport_options(url),
+            # Celery ignores worker_disable_prefetch here (with a warning in
+            # every worker's log): RabbitMQ pushes up to the channel's
+            # prefetch count, so celery_app.prefetch shrinks that count while
+            # `execute` runs terraform instead. It owns the count: Celery's
+            # own cut after a reconnect (by every running task, then raised
+            # step by step as tasks end) would fight it.
+            "worker_disable_prefetch": False,
+            "worker_enable_prefetch_count_reduction": False,
+        }
+    return {}

@@ -14,13 +14,31 @@ from scheduler.settings import Settings
 
 
 class CeleryPublisher:
-    """Publishes runq messages through a Celery app's producer pool."""
+    """Publishes runq messages through a Celery app's producer pool.
+
+    A send the broker did not take raises kombu's ``OperationalError`` (the
+    type the workers and the reconciler treat as "the broker was away"),
+    after Celery's own publish retries. On RabbitMQ that includes a message
+    the broker refused (publisher confirms, see celery_app.config), which
+    kombu reports with an empty message: the error says which message, which
+    queue and which broker.
+    """
 
     def __init__(self, app: Celery) -> None:
         self.app = app
 
     def publish(self, message: Message) -> str:
-        result = self.app.send_task(message.task, args=list(message.args), queue=message.queue)
+        from kombu.exceptions import OperationalError
+
+        try:
+            result = self.app.send_task(message.task, args=list(message.args), queue=message.queue)
+        except OperationalError as exc:
+            cause = exc.__cause__ or exc.__context__ or exc
+            why = str(exc) or f"{type(cause).__name__} {cause}".strip()
+            raise OperationalError(
+                f"the broker did not take {message.task}{message.args} for {message.queue} "
+                f"({self.app.connection_for_write().as_uri()}): {why}"
+            ) from exc
         return str(result.id)
 
 

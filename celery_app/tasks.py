@@ -19,6 +19,7 @@ from typing import Any
 from sqlalchemy.exc import DBAPIError
 
 from celery_app.app import app, runtime
+from celery_app.prefetch import ExecuteRequest
 from scheduler import dispatcher, local_runs, reconciler
 from scheduler.errors import InvalidInput
 from scheduler.messages import (
@@ -101,7 +102,13 @@ def dispatch(workspace: Any) -> None:
 #: before it started is the reconciler's to re-send, and a started one's
 #: lease lapses and is handled there. The message carries only the task id
 #: and the fence: what to run is read from the database.
-@app.task(name=TASK_EXECUTE, acks_late=False)
+#:
+#: acks_late would also be wrong on RabbitMQ for a second reason: it closes
+#: the channel of a consumer that holds a delivery unacknowledged longer than
+#: its ``consumer_timeout`` (30 min by default), and a phase may run for
+#: hours. The early ack frees a prefetch slot while terraform still runs;
+#: ExecuteRequest keeps it held (celery_app.prefetch).
+@app.task(name=TASK_EXECUTE, acks_late=False, Request=ExecuteRequest)
 def execute(task_id: Any, fence: Any = None) -> None:
     # Named only once checked: a raw argument may be megabytes long.
     if not _args("execute", lambda: (check_id(task_id, "task id"), check_id(fence, "fence"))):

@@ -40,6 +40,7 @@ from kombu import Connection, Exchange, Queue
 from executors import signing, wire
 from executors.base import Bundle, Heartbeat, Reply, Report
 from executors.k8s import BROKER_FILE, BUNDLE_FILE, POOL_FILE, RUN_KEY_FILE
+from scheduler.brokers import transport_options
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +126,11 @@ class BrokerReporter:
 
     def _connection(self) -> Connection:
         if self._conn is None:
-            self._conn = Connection(self.broker_url, connect_timeout=5)
+            self._conn = Connection(
+                self.broker_url,
+                connect_timeout=5,
+                transport_options=transport_options(self.broker_url),
+            )
         return self._conn
 
     def _reset(self) -> None:
@@ -307,7 +312,9 @@ class AgentBeats:
         """The first beat, answered: is this token accepted for this pool?"""
         name = f"runq.reply.{uuid.uuid4().hex}"
         body = {**self.body(), "id": uuid.uuid4().hex, "reply_to": name}
-        with Connection(self.broker_url, connect_timeout=5) as conn:
+        with Connection(
+            self.broker_url, connect_timeout=5, transport_options=transport_options(self.broker_url)
+        ) as conn:
             try:
                 doc = request_reply(conn, self.key, self.pool, body, name, timeout, refusable=True)
             finally:
@@ -318,7 +325,9 @@ class AgentBeats:
         return wire.reply_from_json(doc)
 
     def send(self, *, stopping: bool = False) -> None:
-        with Connection(self.broker_url, connect_timeout=5) as conn:
+        with Connection(
+            self.broker_url, connect_timeout=5, transport_options=transport_options(self.broker_url)
+        ) as conn:
             publish(
                 conn,
                 reports_queue(),

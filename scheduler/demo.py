@@ -6,7 +6,8 @@ on PATH:
 * the database is a fresh SQLite file in ``<data dir>/demo-<timestamp>/``
   (unless ``RUNQ_DATABASE_URL`` names one), migrated first;
 * Redis is a private ``redis-server`` on a free port (unless
-  ``RUNQ_REDIS_URL`` is set), used as broker and for the workspace lock;
+  ``RUNQ_REDIS_URL`` is set), used for the workspace lock and as the broker,
+  unless ``RUNQ_BROKER_URL`` names another (RabbitMQ: ``amqp://...``);
 * ``--workers`` real Celery workers run the queued phases with real
   terraform, through a small generated wrapper that sleeps before each plan
   and apply so the timeline has something to show;
@@ -185,6 +186,7 @@ class DemoReport:
     demo_dir: str
     database: str
     redis: str
+    broker: str
     terraform: dict[str, Any]
     dispatch_mode: str
     workers: int
@@ -212,6 +214,7 @@ class DemoReport:
             "demo_dir": self.demo_dir,
             "database": self.database,
             "redis": self.redis,
+            "broker": self.broker,
             "terraform": self.terraform,
             "dispatch_mode": self.dispatch_mode,
             "workers": self.workers,
@@ -538,8 +541,17 @@ class _Setup:
     plan_seconds: float
     apply_seconds: float
     redis_note: str
-    #: The user named the Redis (RUNQ_REDIS_URL): others may be using it.
-    shared_redis: bool
+    #: The user named the broker (RUNQ_REDIS_URL without RUNQ_BROKER_URL, or
+    #: RUNQ_BROKER_URL): others may be consuming it.
+    shared_broker: bool
+
+    @property
+    def broker_note(self) -> str:
+        if not self.settings.broker_url:
+            return "the Redis above"
+        from kombu.utils.url import maybe_sanitize_url
+
+        return str(maybe_sanitize_url(self.settings.broker_url))
 
     @property
     def database(self) -> str:
@@ -570,6 +582,7 @@ class _Setup:
         say(f"  files:     {self.demo_dir}")
         say(f"  database:  {self.database}")
         say(f"  redis:     {self.redis_note}")
+        say(f"  broker:    {self.broker_note}")
         say(
             f"  terraform: {self.terraform_version} ({self.real_terraform}), slowed by "
             f"{self.plan_seconds:g}s per plan and {self.apply_seconds:g}s per apply "
@@ -625,7 +638,7 @@ def _prepare(
         plan_seconds=plan_seconds,
         apply_seconds=apply_seconds,
         redis_note=redis_note,
-        shared_redis=redis_server is None,
+        shared_broker=redis_server is None or bool(base.broker_url),
     )
 
 
@@ -652,15 +665,20 @@ def _run(
 
     client = Client.from_env(setup.settings, actor="runq-demo")
     try:
-        if setup.shared_redis:
+        if setup.shared_broker:
             # Workers already on this broker would take the demo's messages
             # and run them against their own database.
             others = _ping()
             if others:
+                hint = (
+                    "give the demo a RabbitMQ vhost of its own (amqp://host/<vhost>)"
+                    if setup.settings.broker_url
+                    else "unset RUNQ_REDIS_URL for a private Redis, or use another Redis "
+                    "database number"
+                )
                 raise DemoError(
                     "other celery workers already consume this broker "
-                    f"({', '.join(sorted(others))}); unset RUNQ_REDIS_URL for a private "
-                    "Redis, or use another Redis database number"
+                    f"({', '.join(sorted(others))}); {hint}"
                 )
         say(f"starting {workers} worker(s)...")
         names = _start_workers(procs, workers, demo_dir, setup.worker_env())
@@ -963,6 +981,7 @@ def _report(
         demo_dir=str(setup.demo_dir),
         database=setup.database,
         redis=setup.redis_note,
+        broker=setup.broker_note,
         terraform={
             "binary": setup.real_terraform,
             "version": setup.terraform_version,

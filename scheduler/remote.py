@@ -35,6 +35,7 @@ from sqlalchemy import select
 from executors import remote, signing, wire
 from executors.base import Handoff, Reply
 from scheduler import bundles, pools
+from scheduler.brokers import transport_options
 from scheduler.errors import ConcurrentChange, InvalidInput
 from scheduler.messages import Message
 from scheduler.models import AgentPool, Task, Workspace
@@ -231,8 +232,13 @@ def serve(rt: Runtime, stop: Any, *, poll: float = 1.0) -> None:
     url = rt.settings.resolved_broker_url
     while not stop.is_set():
         try:
-            with Connection(url, connect_timeout=5) as conn:
+            with Connection(
+                url, connect_timeout=5, transport_options=transport_options(url)
+            ) as conn:
                 queue = conn.SimpleQueue(remote.reports_queue())  # type: ignore[arg-type]
+                # Without a limit RabbitMQ pushes every pending report to the
+                # first consumer; other workers' threads would sit idle.
+                queue.consumer.qos(prefetch_count=16)
                 while not stop.is_set():
                     try:
                         message = queue.get(block=True, timeout=poll)

@@ -10,6 +10,7 @@ leases then wait for nobody, so ``--check`` fails (the compose health check).
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -124,15 +125,30 @@ def _ping(app: Celery, timeout: float) -> list[str] | None:
 
 
 def _depths(app: Celery) -> dict[str, int | None]:
+    """Messages waiting in each queue (not those a worker has reserved).
+
+    None for every queue when the broker cannot be reached.
+    """
     depths: dict[str, int | None] = {}
     try:
         with app.connection_for_read() as conn:
-            channel: Any = conn.default_channel  # kombu's Channel, untyped
+            conn.ensure_connection(max_retries=1)
             for name in ALL_QUEUES:
-                try:
-                    depths[name] = int(channel.queue_declare(queue=name, passive=True)[1])
-                except Exception:
-                    depths[name] = 0  # never declared: nothing was ever sent to it
+                depths[name] = _depth(conn, name)
     except Exception:
         return dict.fromkeys(ALL_QUEUES)
     return depths
+
+
+def _depth(conn: Any, name: str) -> int:
+    # A channel per queue: on RabbitMQ a passive declare of a queue that does
+    # not exist fails with 404 and closes its channel, which would fail every
+    # queue asked after it. (Redis answers 0.)
+    channel: Any = conn.channel()  # kombu's Channel, untyped
+    try:
+        return int(channel.queue_declare(queue=name, passive=True)[1])
+    except conn.channel_errors:
+        return 0  # never declared: nothing was ever sent to it
+    finally:
+        with contextlib.suppress(Exception):
+            channel.close()

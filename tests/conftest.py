@@ -5,6 +5,9 @@ PostgreSQL: one fresh database per test session on the machine's server
 Alembic, truncated before each test that uses it, dropped at the end.
 Redis: the machine's server (``RUNQ_TEST_REDIS_URL``, default db 15, flushed
 per test) or, where a test must own it, a private ``redis-server``.
+RabbitMQ: the machine's server (``RUNQ_TEST_AMQP_URL``, default guest on
+127.0.0.1:5672), with a private vhost per test or cluster; the amqp tests
+are skipped, with the reason, where it cannot be reached.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from scheduler.messages import RecordingPublisher
 from scheduler.runtime import Runtime
 from scheduler.settings import Settings
 from tests.workers import (
+    RabbitMQ,
     RedisServer,
     find_terraform,
     free_port,  # noqa: F401 - tests import it from here
@@ -34,6 +38,7 @@ PG_ADMIN_URL = os.environ.get(
     "RUNQ_TEST_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
 )
 REDIS_URL = os.environ.get("RUNQ_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+AMQP_URL = os.environ.get("RUNQ_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672")
 #: Every table (children first); emptied before each PostgreSQL test.
 TABLES = (
     "log_chunks",
@@ -122,6 +127,28 @@ def private_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisSer
         pytest.fail(str(exc))
     yield server
     server.stop()
+
+
+# ---------------------------------------------------------------- rabbitmq
+
+
+@pytest.fixture(scope="session")
+def rabbitmq() -> Iterator[RabbitMQ]:
+    """The machine's RabbitMQ; every vhost the session made is deleted at its end."""
+    server = RabbitMQ(AMQP_URL)
+    reason = server.unavailable()
+    if reason is not None:
+        pytest.skip(reason)
+    yield server
+    server.delete_all()
+
+
+@pytest.fixture
+def amqp_url(rabbitmq: RabbitMQ) -> Iterator[str]:
+    """A broker URL on a fresh private vhost, deleted after the test."""
+    url = rabbitmq.vhost()
+    yield url
+    rabbitmq.delete(url)
 
 
 # ---------------------------------------------------------------- runtime

@@ -15,6 +15,10 @@ would have); :class:`AgentPool` starts ``runq agent`` processes the same way.
 :class:`RedisServer` is a private ``redis-server`` without persistence: a
 :meth:`~RedisServer.restart` comes back on the same port with no data.
 
+:class:`RabbitMQ` gives a test (or a cluster) a private virtual host on the
+machine's RabbitMQ, made and deleted with ``rabbitmqctl``, so suites sharing
+the server never see each other's queues.
+
 :func:`write_slow_terraform` writes a ``#!/bin/sh`` wrapper around the real
 terraform binary that sleeps before ``plan`` and ``apply``, so phases last
 long enough to be ordered by their recorded timestamps, and can log every
@@ -256,6 +260,86 @@ class RedisServer:
             self.proc.terminate()
             self.proc.wait(10)
             self.proc = None
+
+
+# ---------------------------------------------------------------- rabbitmq
+
+
+class RabbitMQ:
+    """The machine's RabbitMQ (``base_url``, no vhost), and the private
+    vhosts made on it: ``runq-test-<pid>-<n>``, each with every permission
+    for the URL's user, deleted by :meth:`delete` or :meth:`delete_all`."""
+
+    def __init__(self, base_url: str) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.made: list[str] = []
+        self.count = 0
+
+    @property
+    def user(self) -> str:
+        from urllib.parse import urlsplit
+
+        return urlsplit(self.base_url).username or "guest"
+
+    def unavailable(self) -> str | None:
+        """Why the amqp tests cannot run here, or None."""
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(self.base_url)
+        host, port = parts.hostname or "127.0.0.1", parts.port or 5672
+        try:
+            socket.create_connection((host, port), timeout=2).close()
+        except OSError as exc:
+            return f"RabbitMQ not reachable at {host}:{port} ({exc}); set RUNQ_TEST_AMQP_URL"
+        if shutil.which("rabbitmqctl") is None:
+            return "rabbitmqctl not on PATH: the amqp tests need it to make private vhosts"
+        try:
+            self.ctl("list_vhosts")
+        except RuntimeError as exc:
+            return str(exc)
+        return None
+
+    def ctl(self, *args: str) -> str:
+        # As root, Debian's rabbitmqctl wrapper runs the real one as the
+        # rabbitmq user with its erlang cookie; elsewhere HOME must hold the
+        # cookie, which is the caller's business.
+        try:
+            done = subprocess.run(
+                ["rabbitmqctl", "-q", *args],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=False,
+                stdin=subprocess.DEVNULL,
+            )
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise RuntimeError(f"rabbitmqctl {' '.join(args)}: {exc}") from exc
+        if done.returncode != 0:
+            raise RuntimeError(
+                f"rabbitmqctl {' '.join(args)} exited {done.returncode}: "
+                f"{(done.stderr or done.stdout).strip()[:500]}"
+            )
+        return done.stdout
+
+    def vhost(self) -> str:
+        """A new private vhost; returns the broker URL for it."""
+        self.count += 1
+        name = f"runq-test-{os.getpid()}-{self.count}"
+        self.ctl("add_vhost", name)
+        self.made.append(name)
+        self.ctl("set_permissions", "-p", name, self.user, ".*", ".*", ".*")
+        return f"{self.base_url}/{name}"
+
+    def delete(self, url: str) -> None:
+        name = url.rsplit("/", 1)[1]
+        with contextlib.suppress(RuntimeError):
+            self.ctl("delete_vhost", name)
+        with contextlib.suppress(ValueError):
+            self.made.remove(name)
+
+    def delete_all(self) -> None:
+        for name in list(self.made):
+            self.delete(f"{self.base_url}/{name}")
 
 
 # ---------------------------------------------------------------- celery

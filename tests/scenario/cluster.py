@@ -36,7 +36,7 @@ from pathlib import Path
 from celery import Celery
 from redis import Redis
 
-from celery_app.config import celery_config
+from celery_app.config import broker_kind, celery_config
 from celery_app.runtime import CeleryPublisher
 from scheduler import messages, pools, tasks, workspaces
 from scheduler.api import wait
@@ -257,6 +257,8 @@ def start_cluster(
     terraform_bin: str,
     terraform_env: dict[str, str],
     workers: int = 2,
+    broker_url: str = "",
+    concurrency: int = 3,
     separate_hosts: bool = False,
     agents: int = 0,
     agent_capacity: int = 2,
@@ -265,10 +267,11 @@ def start_cluster(
     """Start ``workers`` real Celery workers and a client; stop them after.
 
     ``redis_url`` must name a Redis database no one else uses: it is flushed,
-    then serves as the broker and the workspace lock. ``separate_hosts``
-    gives each worker its own data directory and terraform wrapper (always
-    so for agents); ``agents`` starts that many ``runq agent --capacity
-    agent_capacity`` processes for a pool made for the cluster.
+    then holds the workspace lock and, unless ``broker_url`` names another
+    (a RabbitMQ vhost no one else uses), serves as the broker.
+    ``separate_hosts`` gives each worker its own data directory and terraform
+    wrapper (always so for agents); ``agents`` starts that many ``runq agent
+    --capacity agent_capacity`` processes for a pool made for the cluster.
     """
     flush = Redis.from_url(redis_url)
     flush.flushdb()
@@ -279,6 +282,7 @@ def start_cluster(
     settings = Settings(
         database_url=database_url,
         redis_url=redis_url,
+        broker_url=broker_url,
         data_dir=data_dir,
         terraform_bin=str(slow),
         dispatch_mode=mode,
@@ -287,6 +291,7 @@ def start_cluster(
         **terraform_env,
         "RUNQ_DATABASE_URL": database_url,
         "RUNQ_REDIS_URL": redis_url,
+        "RUNQ_BROKER_URL": broker_url,
         "RUNQ_DATA_DIR": str(data_dir),
         "RUNQ_TERRAFORM_BIN": str(slow),
         "RUNQ_DISPATCH_MODE": str(mode),
@@ -305,7 +310,13 @@ def start_cluster(
         wrapper = write_slow_terraform(directory, terraform_bin, directory / "terraform.log")
         return {"RUNQ_DATA_DIR": str(directory / "data"), "RUNQ_TERRAFORM_BIN": str(wrapper)}
 
-    pool = WorkerPool(workers, env, root / "logs", env_for=own_host if separate_hosts else None)
+    pool = WorkerPool(
+        workers,
+        env,
+        root / "logs",
+        concurrency=concurrency,
+        env_for=own_host if separate_hosts else None,
+    )
     app = Celery(f"runq-scenario-{mode}", set_as_current=False)
     app.conf.update(celery_config(settings))
     rt = Runtime(settings=settings, publisher=CeleryPublisher(app), actor="scenario-test")
@@ -318,7 +329,7 @@ def start_cluster(
         quiet=quiet,
         app=app,
         src_root=root / "src",
-        prefix=f"{mode}-{secrets.token_hex(3)}",
+        prefix=f"{mode}-{broker_kind(settings.resolved_broker_url)}-{secrets.token_hex(3)}",
         hosts=hosts,
         execution_mode=execution_mode,
     )
@@ -329,7 +340,10 @@ def start_cluster(
         stack.callback(rt.close)
         stack.callback(pool.stop)
         pool.start()
-        print(f"\n{workers} {mode}-mode workers ready in {time.monotonic() - started:.1f}s")
+        print(
+            f"\n{workers} {mode}-mode workers on {broker_kind(settings.resolved_broker_url)} "
+            f"ready in {time.monotonic() - started:.1f}s"
+        )
         if agents:
             started = time.monotonic()
             cluster.agent_pool = f"{cluster.prefix}-pool"
@@ -338,6 +352,7 @@ def start_cluster(
                 **terraform_env,
                 # A broker and a token; no database (nothing listens there).
                 "RUNQ_REDIS_URL": redis_url,
+                "RUNQ_BROKER_URL": broker_url,
                 "RUNQ_AGENT_TOKEN": token,
                 "RUNQ_DATABASE_URL": NO_DATABASE,
                 "SLOW_TF_PLAN_SECONDS": "0",

@@ -38,6 +38,8 @@ CLUSTER_SEPARATE_HOSTS = True
 CLUSTER_AGENTS = 2
 CLUSTER_AGENT_CAPACITY = 2
 CLUSTER_EXECUTION_MODE = ExecutionMode.AGENT
+#: The agents report and ask over the broker: run on both.
+CLUSTER_BROKERS = ("redis", "amqp")
 
 WORKERS = {f"w{i}" for i in range(1, CLUSTER_WORKERS + 1)}
 AGENTS = {f"a{i}" for i in range(1, CLUSTER_AGENTS + 1)}

@@ -1,7 +1,7 @@
 """The seed's four scenarios and a dispatch race, in the new dispatch mode,
 with two real ``celery -A celery_app worker`` processes, PostgreSQL, a
 private Redis and the real terraform binary (paused by a wrapper so phases
-last seconds).
+last seconds), once with Redis as the broker and once with RabbitMQ.
 
 Verdicts are orderings of recorded ``task_events`` timestamps. The legacy
 contrast (tests/scenario/test_legacy_contrast.py) runs the same scenarios
@@ -21,6 +21,8 @@ pytestmark = [pytest.mark.scenario, pytest.mark.postgres, pytest.mark.terraform]
 
 CLUSTER_MODE = DispatchMode.NEW
 CLUSTER_REDIS_DB = 1
+#: Everything here runs on Redis and on RabbitMQ (a cluster each).
+CLUSTER_BROKERS = ("redis", "amqp")
 
 
 def test_plan_does_not_delay_plan_and_apply(cluster: Cluster) -> None:

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from celery_app import tasks
-from celery_app.config import celery_config
+from celery_app.config import broker_kind, celery_config
 from scheduler import messages
 from scheduler.settings import Settings
 
@@ -65,3 +67,81 @@ def test_beat_sweeps_itself_and_schedules_nothing_on_the_workers() -> None:
         getattr(receiver(), "__name__", None) == _start_reconciler.__name__
         for _, receiver in beat_init.receivers
     )
+
+
+@pytest.mark.parametrize(
+    ("url", "kind"),
+    [
+        ("redis://127.0.0.1:6379/0", "redis"),
+        ("rediss://cache:6380/1", "redis"),
+        ("amqp://guest:guest@127.0.0.1:5672//", "amqp"),
+        ("AMQPS://mq/vhost", "amqp"),
+        ("pyamqp://mq//", "amqp"),
+        ("sqs://", "sqs"),
+    ],
+)
+def test_broker_kind_from_the_url_scheme(url: str, kind: str) -> None:
+    assert broker_kind(url) == kind
+
+
+def test_redis_broker_fetches_only_into_a_free_process_and_has_no_confirms() -> None:
+    conf = celery_config(Settings(redis_url="redis://a:1/0"))
+    assert conf["worker_disable_prefetch"] is True
+    assert "broker_transport_options" not in conf
+
+
+def test_amqp_broker_confirms_publishes_and_leaves_prefetch_to_the_run_slots() -> None:
+    conf = celery_config(Settings(redis_url="redis://a:1/0", broker_url="amqp://b//"))
+    assert conf["broker_transport_options"] == {"confirm_publish": True}
+    # Celery ignores worker_disable_prefetch on amqp, with a warning in every
+    # worker's log; celery_app.prefetch does that job there.
+    assert conf["worker_disable_prefetch"] is False
+    assert conf["worker_enable_prefetch_count_reduction"] is False
+    assert conf["worker_prefetch_multiplier"] == 1
+
+
+@pytest.mark.parametrize("url", ["redis://a:1/0", "amqp://b//"])
+def test_every_queue_is_durable_on_its_own_direct_exchange(url: str) -> None:
+    conf = celery_config(Settings(broker_url=url))
+    for queue in conf["task_queues"]:
+        assert queue.durable is True
+        assert (queue.exchange.name, queue.exchange.type) == (queue.name, "direct")
+        assert queue.exchange.durable is True
+        assert queue.routing_key == queue.name
+    assert conf["task_default_delivery_mode"] == "persistent"
+
+
+def test_execute_keeps_its_prefetch_slot_while_it_runs() -> None:
+    from celery_app.app import app
+    from celery_app.prefetch import ExecuteRequest, HoldRunSlots
+
+    assert tasks.execute.Request is ExecuteRequest
+    assert HoldRunSlots in app.steps["consumer"]
+
+
+@pytest.mark.parametrize(
+    ("url", "options"),
+    [("redis://a:1/0", {}), ("amqp://guest@mq:5672/runq", {"confirm_publish": True})],
+)
+def test_plain_kombu_connections_confirm_on_amqp_too(url: str, options: dict[str, bool]) -> None:
+    # Agents' reports, the report consumer's replies: kombu connections of
+    # their own, with the Celery apps' publish guarantee.
+    from scheduler.brokers import transport_options
+
+    assert transport_options(url) == options
+
+
+@pytest.mark.parametrize("url", ["redis://a:1/0", "amqp://guest@mq:5672/runq"])
+def test_agents_take_the_same_broker_specific_settings(url: str, tmp_path: Path) -> None:
+    from celery_app import agent
+    from celery_app.config import broker_specific
+    from celery_app.prefetch import ExecuteRequest, HoldRunSlots
+
+    agent.configure(Settings(broker_url=url, data_dir=tmp_path), "blue", 2, "agent-1")
+    for key, value in broker_specific(url).items():
+        assert agent.app.conf[key] == value
+    assert agent.app.conf.worker_disable_prefetch is (broker_kind(url) == "redis")
+    [queue] = agent.app.conf.task_queues
+    assert (queue.name, queue.durable) == ("runq.pool.blue", True)
+    assert agent.run.Request is ExecuteRequest
+    assert HoldRunSlots in agent.app.steps["consumer"]
