@@ -333,3 +333,14 @@ def deliver_hint(rt: Runtime, message: Message) -> bool:
     else:
         return False
     return True
+
+
+def current_handoff(rt: Runtime, task_id: int) -> Handoff:
+    """The hand-off of ``task_id``'s current claim, built from its rows."""
+    with rt.sessions() as s:
+        task, ws = s.execute(
+            select(Task, Workspace)
+            .join(Workspace, Workspace.id == Task.workspace_id)
+            .where(Task.id == task_id)
+        ).one()
+        return leases.handoff_of(rt.settings, task, ws)

@@ -33,16 +33,15 @@ from sqlalchemy import select
 
 from celery_app import agent as agent_app
 from executors import remote
-from executors.base import Handoff
-from scheduler import artifacts, dispatcher, leases, local_runs, pools, tasks, workspaces
+from scheduler import artifacts, dispatcher, local_runs, pools, tasks, workspaces
 from scheduler import remote as server
 from scheduler.messages import TASK_EXECUTE, RecordingPublisher
-from scheduler.models import Task, TaskEvent, Workspace
+from scheduler.models import TaskEvent
 from scheduler.runtime import Runtime
 from scheduler.settings import Settings
 from scheduler.states import TaskStatus
 from scheduler.transitions import transition
-from tests.integration.helpers import deliver_hint
+from tests.integration.helpers import current_handoff, deliver_hint
 from tests.workers import terraform_offline_env, write_slow_terraform
 
 pytestmark = [pytest.mark.terraform, pytest.mark.redis, pytest.mark.postgres]
@@ -169,17 +168,7 @@ class Cluster:
 
     def hand_off_again(self, task_id: int) -> None:
         """Send the current claim's hand-off once more (a duplicate)."""
-        dispatcher.hand_off(self.rt, handoff(self.rt, task_id))
-
-
-def handoff(rt: Runtime, task_id: int) -> Handoff:
-    with rt.sessions() as s:
-        task, ws = s.execute(
-            select(Task, Workspace)
-            .join(Workspace, Workspace.id == Task.workspace_id)
-            .where(Task.id == task_id)
-        ).one()
-        return leases.handoff_of(rt.settings, task, ws)
+        dispatcher.hand_off(self.rt, current_handoff(self.rt, task_id))
 
 
 @pytest.fixture
@@ -311,7 +300,7 @@ def test_a_stale_report_is_refused_and_runs_nothing(cluster: Cluster) -> None:
     # Claim and hand off, but hold the hand-off back: then the claim is
     # superseded (as the reconciler does after a lost lease).
     cluster.step()  # claim_plan -> the hand-off is published (or a Job made)
-    old = handoff(cluster.rt, t.id)
+    old = current_handoff(cluster.rt, t.id)
     with cluster.rt.transaction() as s:
         transition(
             s,
@@ -322,7 +311,7 @@ def test_a_stale_report_is_refused_and_runs_nothing(cluster: Cluster) -> None:
             expect={TaskStatus.PLANNING},
             fence=old.fence,
         )
-    new = handoff(cluster.rt, t.id)
+    new = current_handoff(cluster.rt, t.id)
     assert new.fence == old.fence + 1
     cluster.pump()  # the old executor: its Started is refused as stale
     assert runs_of(cluster, "init") == []

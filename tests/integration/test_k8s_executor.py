@@ -37,7 +37,6 @@ from scheduler import (
     artifacts,
     dispatcher,
     k8s_jobs,
-    leases,
     reconciler,
     remote,
     reports,
@@ -47,7 +46,7 @@ from scheduler import (
 from scheduler.models import AgentPool, Task, Workspace
 from scheduler.runtime import Runtime
 from scheduler.states import Phase, TaskStatus, TaskType
-from tests.integration.helpers import PLAN_WITH_CHANGES, chain, status
+from tests.integration.helpers import PLAN_WITH_CHANGES, chain, current_handoff, status
 from tests.k8s_harness import Emulator, emulator, job_dict, run_job, set_condition
 from tests.workers import clean_env
 
@@ -94,17 +93,7 @@ def claimed(rt: Runtime, workspace: str, kind: TaskType = TaskType.PLAN) -> Hand
         dispatcher.claim_plan(rt, task.id)
     else:
         dispatcher.dispatch(rt, workspace)
-    return current(rt, task.id)
-
-
-def current(rt: Runtime, task_id: int) -> Handoff:
-    with rt.sessions() as s:
-        task, ws = s.execute(
-            select(Task, Workspace)
-            .join(Workspace, Workspace.id == Task.workspace_id)
-            .where(Task.id == task_id)
-        ).one()
-        return leases.handoff_of(rt.settings, task, ws)
+    return current_handoff(rt, task.id)
 
 
 def launch(rt: Runtime, api: JobApi, handoff: Handoff) -> str:
@@ -317,7 +306,7 @@ def test_a_lost_apply_job_fails_and_is_not_re_run(krt: Runtime, api: JobApi, src
     )
     tasks.confirm(krt, plan.task_id)
     dispatcher.dispatch(krt, ws)
-    apply = current(krt, plan.task_id)
+    apply = current_handoff(krt, plan.task_id)
     assert apply.phase is Phase.APPLY
     launch(krt, api, apply)
     name = job_name(apply.task_id, Phase.APPLY, apply.fence)
@@ -501,13 +490,13 @@ def test_a_plan_and_apply_runs_end_to_end_as_jobs(
     host = clean_env({"RUNQ_TERRAFORM_BIN": terraform_bin, **terraform_env})
 
     dispatcher.dispatch(krt, "net")  # the claim's hand-off makes the Job
-    plan = current(krt, task.id)
+    plan = current_handoff(krt, task.id)
     run = run_job(api, NS, job_name(task.id, Phase.PLAN, plan.fence), tmp_path / "plan", env=host)
     assert run.returncode == 0, run.output
     assert status(krt, task.id) is TaskStatus.APPLY_QUEUED
 
     dispatcher.dispatch(krt, "net")  # the apply, on whichever host its Job lands
-    apply = current(krt, task.id)
+    apply = current_handoff(krt, task.id)
     name = job_name(task.id, Phase.APPLY, apply.fence)
     run = run_job(api, NS, name, tmp_path / "apply", env=host)
     assert run.returncode == 0, run.output

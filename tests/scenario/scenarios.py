@@ -59,6 +59,45 @@ def mixed(c: Cluster) -> tuple[Life, Life, Life]:
     return lives[a.id], lives[b.id], lives[cc.id]
 
 
+# -- the seed's verdicts, shared by every mode and broker that runs them ---------
+
+
+def check_plan_does_not_delay_plan_and_apply(a: Life, b: Life) -> None:
+    timeline = describe([a, b])
+    assert a.task.status is TaskStatus.SUCCESS, timeline
+    assert b.task.status is TaskStatus.APPLY_PENDING, timeline
+    # B was claimed before A's plan ended (the two may be claimed in either
+    # order: plans take no lock, so nothing orders them).
+    assert b.claimed < a.ended, timeline
+
+
+def check_three_plans_at_once(lives: list[Life]) -> None:
+    timeline = describe(lives)
+    assert all(life.task.status is TaskStatus.SUCCESS for life in lives), timeline
+    # One instant inside all three active intervals.
+    assert max(life.claimed for life in lives) < min(life.ended for life in lives), timeline
+
+
+def check_plan_and_applies_serialized(a: Life, b: Life) -> None:
+    timeline = describe([a, b])
+    assert a.task.queue_seq < b.task.queue_seq
+    assert a.task.status is TaskStatus.APPLIED, timeline
+    assert b.task.status is TaskStatus.APPLIED, timeline
+    # A ran start to finish (plan, apply) before B was claimed.
+    assert a.claimed < a.entered(TaskStatus.APPLYING) < a.ended <= b.claimed, timeline
+
+
+def check_mixed(a: Life, b: Life, c: Life) -> None:
+    timeline = describe([a, b, c])
+    assert a.task.status is TaskStatus.APPLIED, timeline
+    assert b.task.status is TaskStatus.SUCCESS, timeline
+    assert c.task.status is TaskStatus.APPLIED, timeline
+    # Plan B was claimed while A applied: it did not wait.
+    assert a.entered(TaskStatus.APPLYING) < b.claimed < a.ended, timeline
+    # Plan+apply C waited for A to end.
+    assert a.ended <= c.claimed, timeline
+
+
 def dispatch_storm(c: Cluster, runs: int = 5) -> tuple[list[int], dict[int, bool], dict[int, Life]]:
     """Race: ``runs`` queued plan+applies, 50 dispatch messages at once to
     every worker's pool processes, and 10 more each time a run is confirmed

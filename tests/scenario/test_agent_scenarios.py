@@ -101,39 +101,25 @@ def check_on_agents(c: Cluster, lives: list[Life]) -> None:
 
 def test_plan_does_not_delay_plan_and_apply(cluster: Cluster) -> None:
     a, b = scenarios.plan_then_plan_and_apply(cluster)
-    timeline = describe([a, b])
-    assert a.task.status is TaskStatus.SUCCESS, timeline
-    assert b.task.status is TaskStatus.APPLY_PENDING, timeline
-    assert b.claimed < a.ended, timeline
+    scenarios.check_plan_does_not_delay_plan_and_apply(a, b)
     check_on_agents(cluster, [a, b])
 
 
 def test_three_plans_run_at_the_same_time(cluster: Cluster) -> None:
     lives = scenarios.three_plans(cluster)
-    timeline = describe(lives)
-    assert all(life.task.status is TaskStatus.SUCCESS for life in lives), timeline
-    assert max(life.claimed for life in lives) < min(life.ended for life in lives), timeline
+    scenarios.check_three_plans_at_once(lives)
     check_on_agents(cluster, lives)
 
 
 def test_plan_and_applies_never_overlap_and_keep_queue_order(cluster: Cluster) -> None:
     a, b = scenarios.two_plan_and_applies(cluster)
-    timeline = describe([a, b])
-    assert a.task.queue_seq < b.task.queue_seq
-    assert a.task.status is TaskStatus.APPLIED, timeline
-    assert b.task.status is TaskStatus.APPLIED, timeline
-    assert a.claimed < a.entered(TaskStatus.APPLYING) < a.ended <= b.claimed, timeline
+    scenarios.check_plan_and_applies_serialized(a, b)
     check_on_agents(cluster, [a, b])
 
 
 def test_mixed_plan_runs_beside_apply_next_plan_and_apply_waits(cluster: Cluster) -> None:
     a, b, c = scenarios.mixed(cluster)
-    timeline = describe([a, b, c])
-    assert a.task.status is TaskStatus.APPLIED, timeline
-    assert b.task.status is TaskStatus.SUCCESS, timeline
-    assert c.task.status is TaskStatus.APPLIED, timeline
-    assert a.entered(TaskStatus.APPLYING) < b.claimed < a.ended, timeline
-    assert a.ended <= c.claimed, timeline
+    scenarios.check_mixed(a, b, c)
     check_on_agents(cluster, [a, b, c])
 
 
@@ -221,7 +207,14 @@ def test_work_spreads_over_workers_and_agents_and_state_follows(cluster: Cluster
         ws = chains[mode]
         with c.rt.sessions() as s:
             versions = artifacts.state_versions(s, ws)
-        assert [v.task_id for v in versions] == chain, (mode, versions)
+        # An apply may store more than one version: the runner stores each
+        # serial terraform writes mid-apply (a replacement is a destroy, then
+        # a create), as it catches them. In order, and none missing:
+        writers = [v.task_id for v in versions]
+        assert [t for i, t in enumerate(writers) if i == 0 or writers[i - 1] != t] == chain, (
+            mode,
+            versions,
+        )
         serials = [v.serial for v in versions]
         assert serials == sorted(set(serials)), (mode, serials)
         assert len({v.lineage for v in versions}) == 1, (mode, versions)

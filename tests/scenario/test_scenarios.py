@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import pytest
 
-from scheduler.states import DispatchMode, TaskStatus
+from scheduler.states import DispatchMode
 from tests.scenario import scenarios
-from tests.scenario.cluster import Cluster, Life, describe
+from tests.scenario.cluster import Cluster, Life
 
 pytestmark = [pytest.mark.scenario, pytest.mark.postgres, pytest.mark.terraform]
 
@@ -26,43 +26,19 @@ CLUSTER_BROKERS = ("redis", "amqp")
 
 
 def test_plan_does_not_delay_plan_and_apply(cluster: Cluster) -> None:
-    a, b = scenarios.plan_then_plan_and_apply(cluster)
-    timeline = describe([a, b])
-    assert a.task.status is TaskStatus.SUCCESS, timeline
-    assert b.task.status is TaskStatus.APPLY_PENDING, timeline
-    # B was claimed before A's plan ended (the two may be claimed in either
-    # order: plans take no lock, so nothing orders them).
-    assert b.claimed < a.ended, timeline
+    scenarios.check_plan_does_not_delay_plan_and_apply(*scenarios.plan_then_plan_and_apply(cluster))
 
 
 def test_three_plans_run_at_the_same_time(cluster: Cluster) -> None:
-    lives = scenarios.three_plans(cluster)
-    timeline = describe(lives)
-    assert all(life.task.status is TaskStatus.SUCCESS for life in lives), timeline
-    # One instant inside all three active intervals.
-    assert max(life.claimed for life in lives) < min(life.ended for life in lives), timeline
+    scenarios.check_three_plans_at_once(scenarios.three_plans(cluster))
 
 
 def test_plan_and_applies_never_overlap_and_keep_queue_order(cluster: Cluster) -> None:
-    a, b = scenarios.two_plan_and_applies(cluster)
-    timeline = describe([a, b])
-    assert a.task.queue_seq < b.task.queue_seq
-    assert a.task.status is TaskStatus.APPLIED, timeline
-    assert b.task.status is TaskStatus.APPLIED, timeline
-    # A ran start to finish (plan, apply) before B was claimed.
-    assert a.claimed < a.entered(TaskStatus.APPLYING) < a.ended <= b.claimed, timeline
+    scenarios.check_plan_and_applies_serialized(*scenarios.two_plan_and_applies(cluster))
 
 
 def test_mixed_plan_runs_beside_apply_next_plan_and_apply_waits(cluster: Cluster) -> None:
-    a, b, c = scenarios.mixed(cluster)
-    timeline = describe([a, b, c])
-    assert a.task.status is TaskStatus.APPLIED, timeline
-    assert b.task.status is TaskStatus.SUCCESS, timeline
-    assert c.task.status is TaskStatus.APPLIED, timeline
-    # Plan B was claimed while A applied: it did not wait.
-    assert a.entered(TaskStatus.APPLYING) < b.claimed < a.ended, timeline
-    # Plan+apply C waited for A to end.
-    assert a.ended <= c.claimed, timeline
+    scenarios.check_mixed(*scenarios.mixed(cluster))
 
 
 def test_dispatch_storm_claims_each_task_once_in_queue_order(cluster: Cluster) -> None:
