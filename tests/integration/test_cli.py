@@ -47,6 +47,11 @@ class Result:
     def json(self) -> Any:
         return json.loads(self.out)
 
+    @property
+    def error(self) -> str:
+        """The error message a ``--json`` command printed on stderr."""
+        return str(json.loads(self.err)["error"])
+
 
 @dataclass
 class Cli:
@@ -218,3 +223,82 @@ def test_cli_against_an_unreachable_database(cli: Cli) -> None:
     assert r.code == 1 and r.out == ""
     assert "OperationalError" in json.loads(r.err)["error"]
     assert "Traceback" not in r.err
+
+
+def test_pool_agent_and_state_commands(cli: Cli, tmp_path: Path) -> None:
+    """runq pool create/list, agent list, and state versions/show, as a user
+    runs them; the stored states come through the scheduler's own path."""
+    cli.ok("db", "upgrade")
+    created = cli.ok("pool", "create", "builders")
+    assert created["name"] == "builders" and len(created["token"]) >= 40
+    assert [(p["name"], p["kind"], p["capacity"]) for p in cli.ok("pool", "list")] == [
+        ("builders", "agent", 0)
+    ]
+    again = cli("pool", "create", "builders")
+    assert again.code == 1 and "exists already" in again.error
+    assert cli.ok("agent", "list") == []
+    usage = cli("agent", as_json=False)
+    assert usage.code == 2 and "needs --pool" in usage.err
+
+    # An agent workspace whose pool is gone: a clear error, nothing inserted.
+    cli.ok(
+        "workspace",
+        "create",
+        "far",
+        "--mode",
+        "agent",
+        "--agent-pool",
+        "ghost",
+        "--dir",
+        str(cli.source),
+    )
+    refused = cli("submit", "far", "--type", "plan")
+    assert refused.code == 3 and "agent pool 'ghost' does not exist" in refused.error
+    assert cli.ok("list") == []
+
+    # Two states stored for a workspace, then listed and shown.
+    cli.ok("workspace", "create", "net", "--dir", str(cli.source))
+    assert cli.ok("state", "versions", "net") == []
+    missing = cli("state", "show", "net")
+    assert missing.code == 3 and "no stored state" in missing.error
+    _store_two_states(cli.env["RUNQ_DATABASE_URL"], "net")
+    versions = cli.ok("state", "versions", "net")
+    assert [(v["version"], v["serial"]) for v in versions] == [(1, 1), (2, 2)]
+    current = cli.ok("state", "show", "net")
+    assert (current["version"], current["serial"], current["state"]["serial"]) == (2, 2, 2)
+    first = cli("state", "show", "net", "--version", "1", as_json=False)
+    assert first.code == 0 and json.loads(first.out)["serial"] == 1
+    beyond = cli("state", "show", "net", "--version", "3")
+    assert beyond.code == 3 and "versions 1..2" in beyond.error
+
+
+def _store_two_states(url: str, workspace: str) -> None:
+    from executors.base import StateWritten
+    from scheduler import artifacts, workspaces
+    from scheduler.db import make_engine
+    from scheduler.models import Task
+    from scheduler.states import TaskStatus, TaskType
+
+    engine = make_engine(url)
+    try:
+        from sqlalchemy.orm import Session
+
+        with Session(engine) as s, s.begin():
+            ws = workspaces.load(s, workspace)
+            task = Task(
+                workspace_id=ws.id,
+                type=TaskType.PLAN_AND_APPLY,
+                status=TaskStatus.APPLYING,
+                queue_seq=1,
+                fence=2,
+            )
+            s.add(task)
+            s.flush()
+            for serial in (1, 2):
+                doc = {"version": 4, "serial": serial, "lineage": "L", "resources": []}
+                reply = artifacts.store_state(
+                    s, StateWritten(task.id, 2, serial, "L", json.dumps(doc).encode())
+                )
+                assert reply.accepted, reply
+    finally:
+        engine.dispose()
