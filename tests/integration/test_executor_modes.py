@@ -365,3 +365,26 @@ def test_cancel_reaches_the_running_phase(cluster: Cluster) -> None:
         assert time.monotonic() - cancelled_at < 20
     finally:
         os.environ.pop("SLOW_TF_PLAN_SECONDS", None)
+
+
+def test_the_apply_needs_nothing_the_plan_left_on_disk(cluster: Cluster) -> None:
+    """Every data directory (the worker's, the agent's, the pods') is wiped
+    between the plan and its apply, as if the apply ran on a new host."""
+    import shutil
+
+    ws = cluster.workspace("net", NULL, auto_apply=False)
+    t = tasks.submit(cluster.rt, ws, "plan_and_apply")
+    cluster.pump()
+    assert tasks.get(cluster.rt, t.id).status is TaskStatus.APPLY_PENDING
+    for path in (
+        cluster.rt.settings.work_dir,
+        cluster.rt.settings.logs_dir,
+        cluster.root / "agent-0",
+        cluster.root / "pods",
+    ):
+        shutil.rmtree(path, ignore_errors=True)
+    tasks.confirm(cluster.rt, t.id)
+    cluster.pump()
+    done = tasks.get(cluster.rt, t.id)
+    assert done.status is TaskStatus.APPLIED, done.error
+    assert "Apply complete! Resources: 1 added" in artifacts_log(cluster.rt, t.id, "apply")
