@@ -17,8 +17,9 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import func, select
 
+from executors.remote import REPORTS_QUEUE, pool_queue
 from scheduler.messages import ALL_QUEUES
-from scheduler.models import Task, utcnow
+from scheduler.models import AgentPool, Task, utcnow
 from scheduler.reconciler import last_sweep
 from scheduler.runtime import Runtime
 from scheduler.states import RUNNING
@@ -100,11 +101,23 @@ def collect(rt: Runtime, app: Celery | None = None, *, ping_timeout: float = 1.0
             )
             or 0
         )
+        # Remote executors' reports, and each agent pool's hand-offs: a deep
+        # pool queue means the pool lacks agents.
+        names = [
+            *ALL_QUEUES,
+            REPORTS_QUEUE,
+            *(
+                pool_queue(p)
+                for p in s.scalars(
+                    select(AgentPool.name).where(AgentPool.kind == "agent").order_by(AgentPool.name)
+                )
+            ),
+        ]
     workers: list[str] | None = None
-    queues: dict[str, int | None] = dict.fromkeys(ALL_QUEUES)
+    queues: dict[str, int | None] = dict.fromkeys(names)
     if app is not None:
         workers = _ping(app, ping_timeout)
-        queues = _depths(app)
+        queues = _depths(app, names)
     return Status(
         last_sweep_at=beat.at if beat else None,
         sweep_interval=rt.settings.reconcile_interval,
@@ -124,7 +137,7 @@ def _ping(app: Celery, timeout: float) -> list[str] | None:
     return sorted(name for reply in replies for name in reply)
 
 
-def _depths(app: Celery) -> dict[str, int | None]:
+def _depths(app: Celery, names: list[str]) -> dict[str, int | None]:
     """Messages waiting in each queue (not those a worker has reserved).
 
     None for every queue when the broker cannot be reached.
@@ -133,10 +146,10 @@ def _depths(app: Celery) -> dict[str, int | None]:
     try:
         with app.connection_for_read() as conn:
             conn.ensure_connection(max_retries=1)
-            for name in ALL_QUEUES:
+            for name in names:
                 depths[name] = _depth(conn, name)
     except Exception:
-        return dict.fromkeys(ALL_QUEUES)
+        return dict.fromkeys(names)
     return depths
 
 

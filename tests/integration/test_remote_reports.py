@@ -241,3 +241,10 @@ def test_reports_round_trip_over_the_broker(
             liar._once(Heartbeat(tid, fence, Phase.PLAN))
     finally:
         liar.close()
+
+
+def test_status_lists_the_reports_queue_and_each_pools_queue(rt: Runtime, pool: Pool) -> None:
+    from scheduler import status
+
+    names = list(status.collect(rt).queues)
+    assert names[-2:] == ["runq.reports", "runq.pool.p1"]
