@@ -138,8 +138,11 @@ def marks_log(marks: Path) -> list[str]:
     return log.read_text().split() if log.is_file() else []
 
 
-def wait_for(what: str, check: Callable[[], object], timeout: float = 30.0) -> Any:
-    """Poll ``check`` until it returns something truthy; fail after ``timeout``."""
+def wait_for(
+    what: str, check: Callable[[], object], timeout: float = 30.0, interval: float = 0.02
+) -> Any:
+    """Poll ``check`` every ``interval`` seconds until it returns something
+    truthy, and return that; fail after ``timeout``."""
     deadline = time.monotonic() + timeout
     while True:
         value = check()
@@ -147,7 +150,7 @@ def wait_for(what: str, check: Callable[[], object], timeout: float = 30.0) -> A
             return value
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
-        time.sleep(0.02)
+        time.sleep(interval)
 
 
 def script_pid(marks: Path) -> int:

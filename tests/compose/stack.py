@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import psycopg
 import yaml
@@ -40,24 +40,17 @@ POSTGRES_PASSWORD = "runq-test-db"
 #: The services built from the runq image.
 RUNQ_SERVICES = ("migrate", "worker", "agent", "beat", "flower")
 
-T = TypeVar("T")
+
+def wait_for(what: str, check: Callable[[], Any], timeout: float, interval: float = 0.5) -> Any:
+    """:func:`tests.runner_harness.wait_for`, polling containers less often."""
+    from tests.runner_harness import wait_for as poll
+
+    return poll(what, check, timeout, interval)
 
 
 def docker_bin() -> str:
     """Debian's docker.io client (20.10, matching the engine), else PATH's."""
     return "/usr/bin/docker" if Path("/usr/bin/docker").exists() else "docker"
-
-
-def wait_for(what: str, check: Callable[[], T | None], timeout: float, interval: float = 0.5) -> T:
-    """Poll ``check`` until it returns something truthy; fail after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
-        time.sleep(interval)
 
 
 @dataclass
