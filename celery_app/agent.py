@@ -87,7 +87,7 @@ def run(envelope: Any, meta: Any = None) -> None:
     if h.agent_pool != pool:
         log.warning("rejected a hand-off for pool %s on pool %s", h.agent_pool, pool)
         return
-    from executors.local import PhaseRunner
+    from executors import runner_for
 
     reporter = remote.BrokerReporter(
         settings.resolved_broker_url,
@@ -97,7 +97,7 @@ def run(envelope: Any, meta: Any = None) -> None:
         give_up_after=10 * settings.lease_ttl,
     )
     try:
-        PhaseRunner(settings, kind=f"agent:{_state['id']}").run(bundle, reporter)
+        runner_for(settings, kind=f"agent:{_state['id']}").run(bundle, reporter)
     finally:
         reporter.close()
 

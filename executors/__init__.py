@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from executors.base import Handoff, Launcher
+from executors.base import Handoff, Launcher, Runner
 from scheduler.errors import NotImplementedYet
-from scheduler.states import ExecutionMode
+from scheduler.settings import ExecutorKind
+from scheduler.states import ExecutionMode, Phase
 
 if TYPE_CHECKING:
     from scheduler.runtime import Runtime
+    from scheduler.settings import Settings
 
 
 class NotImplementedLauncher:
@@ -35,3 +37,23 @@ def launcher_for(rt: Runtime, mode: ExecutionMode) -> Launcher:
 
         return launcher(rt)
     return NotImplementedLauncher(mode)
+
+
+def runner_for(settings: Settings, *, kind: str = "local") -> Runner:
+    """What runs a phase here (a worker in local mode, an agent): terraform,
+    supervised, or with ``RUNQ_EXECUTOR=fake`` the fake executor, whose
+    phases last ``RUNQ_FAKE_PLAN_SECONDS`` / ``RUNQ_FAKE_APPLY_SECONDS`` and
+    heartbeat as often as a real one."""
+    if settings.executor is ExecutorKind.FAKE:
+        from executors.fake import FakeRunner
+
+        return FakeRunner(
+            durations={
+                Phase.PLAN: settings.fake_plan_seconds,
+                Phase.APPLY: settings.fake_apply_seconds,
+            },
+            heartbeat=settings.heartbeat_interval,
+        )
+    from executors.local import PhaseRunner
+
+    return PhaseRunner(settings, kind=kind)

@@ -14,7 +14,7 @@ import io
 import secrets
 import tarfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from executors.base import (
@@ -87,8 +87,10 @@ class FakeRunner:
     script: Callable[[Handoff], PhaseResult] = lambda h: (
         DEFAULT_PLAN if h.phase is Phase.PLAN else DEFAULT_APPLY
     )
-    #: Seconds each phase "runs", heartbeating every ``heartbeat`` seconds.
+    #: Seconds each phase "runs", heartbeating every ``heartbeat`` seconds;
+    #: ``durations`` overrides it phase by phase.
     duration: float = 0.0
+    durations: Mapping[Phase, float] = field(default_factory=dict)
     heartbeat: float = 0.1
     #: The hand-offs of the bundles whose start was accepted, in order.
     ran: list[Handoff] = field(default_factory=list)
@@ -103,7 +105,7 @@ class FakeRunner:
             return
         self.ran.append(handoff)
         self.bundles.append(bundle)
-        deadline = time.monotonic() + self.duration
+        deadline = time.monotonic() + self.durations.get(handoff.phase, self.duration)
         while time.monotonic() < deadline:
             # Heartbeat as a real runner does, and obey a stop the same way.
             reply = reporter.report(Heartbeat(h.task_id, h.fence, h.phase))

@@ -40,9 +40,9 @@ def execute(rt: Runtime, task_id: int, fence: int, runner: Runner | None = None)
     if bundle.handoff.mode is not ExecutionMode.LOCAL:
         raise InvalidInput(f"the runs queue got a {bundle.handoff.mode} task; only local runs here")
     if runner is None:
-        from executors.local import PhaseRunner
+        from executors import runner_for
 
-        runner = PhaseRunner(rt.settings)
+        runner = runner_for(rt.settings)
     runner.run(bundle, DirectReporter(rt))
     return bundle
 

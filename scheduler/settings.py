@@ -7,12 +7,21 @@ environment at import time.
 
 from __future__ import annotations
 
+from enum import StrEnum
 from pathlib import Path
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from scheduler.states import DispatchMode
+
+
+class ExecutorKind(StrEnum):
+    """What runs a phase: real terraform, or :class:`executors.fake.FakeRunner`
+    (no terraform at all: for benchmarks and dry runs of the scheduler)."""
+
+    TERRAFORM = "terraform"
+    FAKE = "fake"
 
 
 class Settings(BaseSettings):
@@ -29,6 +38,12 @@ class Settings(BaseSettings):
     broker_url: str = ""
     terraform_bin: str = "terraform"
     dispatch_mode: DispatchMode = DispatchMode.NEW
+    #: ``fake`` runs every phase with the fake executor that ships beside the
+    #: real ones: each phase reports as a real one does, lasts the seconds
+    #: below, and runs no terraform (``make bench`` measures the scheduler).
+    executor: ExecutorKind = ExecutorKind.TERRAFORM
+    fake_plan_seconds: float = Field(default=0.0, ge=0)
+    fake_apply_seconds: float = Field(default=0.0, ge=0)
 
     #: Seconds the workspace lock lives if its holder dies without releasing.
     lock_ttl: float = Field(default=30.0, gt=0)
@@ -110,7 +125,7 @@ class Settings(BaseSettings):
     #: Secret); empty means the scheduler's own.
     k8s_broker_url: str = ""
 
-    @field_validator("dispatch_mode", mode="before")
+    @field_validator("dispatch_mode", "executor", mode="before")
     @classmethod
     def _lower(cls, value: object) -> object:
         return value.lower() if isinstance(value, str) else value
