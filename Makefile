@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.installed
 export CHECKPOINT_DISABLE := 1
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: demo test check lint typecheck unit integration scenario faults compose-test install tools clean
+.PHONY: demo test check lint typecheck unit integration scenario faults compose-test bench-quick install tools clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -65,6 +65,13 @@ faults: $(STAMP)
 compose-test: $(STAMP)
 	$(BIN)/pytest -q -m compose tests/compose
 	@cat .runq/compose-test/timings.json 2>/dev/null || true
+
+# runq (default and legacy mode) against bare Celery on this machine (about
+# 2 min; not part of make test): real workers with the fake executor, a
+# private redis-server, a fresh database on the machine's PostgreSQL. Prints
+# a markdown table and writes bench/results/<timestamp>.json.
+bench-quick: $(STAMP)
+	$(BIN)/python -m bench.run
 
 clean:
 	rm -rf $(VENV) .runq .pytest_cache .mypy_cache .ruff_cache
