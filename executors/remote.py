@@ -40,7 +40,9 @@ from kombu import Connection, Exchange, Queue
 from executors import signing, wire
 from executors.base import Bundle, Heartbeat, Reply, Report
 from executors.k8s import BROKER_FILE, BUNDLE_FILE, POOL_FILE, RUN_KEY_FILE
+from executors.retry import with_backoff
 from scheduler.brokers import transport_options
+from scheduler.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +70,24 @@ class Refused(Exception):
 
 #: The signature field of an unsigned refusal.
 REFUSED = "refused"
+#: Every reply queue's name starts so; the scheduler answers no other queue
+#: (a forged report must not make it publish into runq's own queues).
+REPLY_PREFIX = "runq.reply."
+
+
+def new_reply_name() -> str:
+    return f"{REPLY_PREFIX}{uuid.uuid4().hex}"
+
+
+def reply_to_of(body: dict[str, Any]) -> str | None:
+    """The reply queue a message asks to be answered on, if it is one."""
+    reply_to = body.get("reply_to")
+    return reply_to if isinstance(reply_to, str) and reply_to.startswith(REPLY_PREFIX) else None
+
+
+def connect(url: str) -> Connection:
+    """A kombu connection to the broker at ``url``, with runq's options for it."""
+    return Connection(url, connect_timeout=5, transport_options=transport_options(url))
 
 
 def pool_queue(pool: str) -> str:
@@ -89,6 +109,14 @@ def reply_queue(name: str) -> Queue:
         durable=False,
         queue_arguments={"x-expires": 600_000},
     )
+
+
+def delete_reply_queue(conn: Connection, name: str) -> None:
+    """Best effort: a reply queue left behind expires on its own (RabbitMQ)."""
+    try:
+        reply_queue(name)(conn.default_channel).delete()
+    except Exception:
+        log.debug("deleting reply queue %s failed", name, exc_info=True)
 
 
 def publish(conn: Connection, queue: Queue, body: dict[str, Any]) -> None:
@@ -121,16 +149,24 @@ class BrokerReporter:
         self.key = key
         self.timeout = timeout
         self.give_up_after = give_up_after
-        self.reply_name = f"runq.reply.{uuid.uuid4().hex}"
+        self.reply_name = new_reply_name()
         self._conn: Connection | None = None
+
+    @classmethod
+    def of(cls, settings: Settings, broker_url: str, pool: str, key: bytes) -> BrokerReporter:
+        """A reporter with the settings' reply timeout, giving up on a report
+        once its lease has long lapsed (ten lease times)."""
+        return cls(
+            broker_url,
+            pool,
+            key,
+            timeout=settings.report_timeout,
+            give_up_after=10 * settings.lease_ttl,
+        )
 
     def _connection(self) -> Connection:
         if self._conn is None:
-            self._conn = Connection(
-                self.broker_url,
-                connect_timeout=5,
-                transport_options=transport_options(self.broker_url),
-            )
+            self._conn = connect(self.broker_url)
         return self._conn
 
     def _reset(self) -> None:
@@ -144,25 +180,14 @@ class BrokerReporter:
     def report(self, report: Report) -> Reply:
         if isinstance(report, Heartbeat):
             return self._once(report)
-        deadline = time.monotonic() + self.give_up_after
-        delay = 0.5
-        while True:
-            try:
-                return self._once(report)
-            except Exception as exc:
-                if time.monotonic() + delay > deadline:
-                    raise
-                log.warning(
-                    "%s report of task %s got no reply (%s: %s); retrying in %.1fs",
-                    type(report).__name__,
-                    report.task_id,
-                    type(exc).__name__,
-                    exc,
-                    delay,
-                    extra={"action": "report_retry", "task_id": report.task_id},
-                )
-                time.sleep(delay)
-                delay = min(delay * 2, 10.0)
+        return with_backoff(
+            lambda: self._once(report),
+            what=f"{type(report).__name__} report of task {report.task_id}",
+            give_up_after=self.give_up_after,
+            retry_if=lambda _exc: True,  # no reply, or the broker away: ask again
+            first=0.5,
+            cap=10.0,
+        )
 
     def _once(self, report: Report) -> Reply:
         request = uuid.uuid4().hex
@@ -180,10 +205,7 @@ class BrokerReporter:
         """Delete this reporter's reply queue and close its connection."""
         if self._conn is None:
             return
-        try:
-            reply_queue(self.reply_name)(self._conn.default_channel).delete()
-        except Exception:  # best effort; it expires on its own
-            log.debug("deleting reply queue %s failed", self.reply_name, exc_info=True)
+        delete_reply_queue(self._conn, self.reply_name)
         self._reset()
 
 
@@ -237,30 +259,22 @@ def request_reply(
 # RUN_KEY_FILE, POOL_FILE, BROKER_FILE.
 
 
-def run_phase_from_dir(
-    bundle_dir: Path, runner_for: Callable[[str], Any], *, settings: Any = None
-) -> int:
-    """Run the phase in ``bundle_dir`` (as mounted from a Secret).
-
-    ``runner_for(broker_url)`` gives the runner (its settings may come from
-    the environment). Returns an exit code: 0 once the phase was run and
-    reported (its outcome is in the report, not the exit code).
-    """
+def run_phase_from_dir(bundle_dir: Path, settings: Settings) -> int:
+    """Run the phase in ``bundle_dir`` (as mounted from a Secret), with the
+    runner ``settings`` choose, reporting over the broker with the claim's
+    run key. Returns an exit code: 0 once the phase was run and reported
+    (its outcome is in the report, not the exit code)."""
     import json
+
+    from executors import runner_for
 
     bundle = Bundle.from_json(json.loads((bundle_dir / BUNDLE_FILE).read_text()))
     key = bytes.fromhex((bundle_dir / RUN_KEY_FILE).read_text().strip())
     pool = (bundle_dir / POOL_FILE).read_text().strip()
     broker_url = os.environ.get("RUNQ_BROKER_URL") or (bundle_dir / BROKER_FILE).read_text().strip()
-    reporter = BrokerReporter(
-        broker_url,
-        pool,
-        key,
-        timeout=getattr(settings, "report_timeout", 10.0),
-        give_up_after=10 * getattr(settings, "lease_ttl", 60.0),
-    )
+    reporter = BrokerReporter.of(settings, broker_url, pool, key)
     try:
-        runner_for(broker_url).run(bundle, reporter)
+        runner_for(settings, kind="k8s").run(bundle, reporter)
     finally:
         reporter.close()
     return 0
@@ -310,24 +324,17 @@ class AgentBeats:
 
     def hello(self, timeout: float) -> Reply:
         """The first beat, answered: is this token accepted for this pool?"""
-        name = f"runq.reply.{uuid.uuid4().hex}"
+        name = new_reply_name()
         body = {**self.body(), "id": uuid.uuid4().hex, "reply_to": name}
-        with Connection(
-            self.broker_url, connect_timeout=5, transport_options=transport_options(self.broker_url)
-        ) as conn:
+        with connect(self.broker_url) as conn:
             try:
                 doc = request_reply(conn, self.key, self.pool, body, name, timeout, refusable=True)
             finally:
-                try:
-                    reply_queue(name)(conn.default_channel).delete()
-                except Exception:  # it expires on its own
-                    log.debug("deleting reply queue %s failed", name, exc_info=True)
+                delete_reply_queue(conn, name)
         return wire.reply_from_json(doc)
 
     def send(self, *, stopping: bool = False) -> None:
-        with Connection(
-            self.broker_url, connect_timeout=5, transport_options=transport_options(self.broker_url)
-        ) as conn:
+        with connect(self.broker_url) as conn:
             publish(
                 conn,
                 reports_queue(),

@@ -630,17 +630,11 @@ def agent_list(out: Output, pool_name: str | None, show_all: bool) -> None:
 )
 def run_phase(bundle_dir: Path) -> None:
     """Run one phase from a mounted hand-off (a Kubernetes Job's container)."""
-    from executors.local import PhaseRunner
     from executors.remote import run_phase_from_dir
     from scheduler.settings import Settings
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    settings = Settings()
-    sys.exit(
-        run_phase_from_dir(
-            bundle_dir, lambda _url: PhaseRunner(settings, kind="k8s"), settings=settings
-        )
-    )
+    sys.exit(run_phase_from_dir(bundle_dir, Settings()))
 
 
 @command(main)

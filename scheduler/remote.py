@@ -29,13 +29,11 @@ import json
 import logging
 from typing import Any
 
-from kombu import Connection
 from sqlalchemy import select
 
 from executors import remote, signing, wire
 from executors.base import Handoff, Reply
 from scheduler import bundles, pools
-from scheduler.brokers import transport_options
 from scheduler.errors import ConcurrentChange, InvalidInput
 from scheduler.messages import Message
 from scheduler.models import AgentPool, Task, Workspace
@@ -143,9 +141,9 @@ def _report(
             f"{raw.get('kind')} report for task {task_id} (fence {fence}) from pool "
             f"{pool_name!r}: {exc}"
         ) from exc
-    reply_to = body.get("reply_to")
+    reply_to = remote.reply_to_of(body)
     request = body.get("id")
-    if not isinstance(reply_to, str) or not reply_to.startswith("runq.reply."):
+    if reply_to is None:
         raise Rejected("report without a valid reply_to")
 
     def answer(reply: Reply) -> tuple[bytes, str, dict[str, Any]]:
@@ -187,8 +185,8 @@ def _refuse(body: dict[str, Any], pool: str, exc: Rejected) -> tuple[str, dict[s
     log.warning(
         "rejected an agent beat: %s", exc, extra={"action": "report_rejected", "why": str(exc)}
     )
-    reply_to = body.get("reply_to")
-    if not isinstance(reply_to, str) or not reply_to.startswith("runq.reply."):
+    reply_to = remote.reply_to_of(body)
+    if reply_to is None:
         return None
     why = str(exc).split(": ")[-1] if "signature" in str(exc) else str(exc)
     doc = json.dumps({"id": body.get("id"), "reason": f"{why} (is RUNQ_AGENT_TOKEN right?)"})
@@ -213,8 +211,8 @@ def _agent_beat(
             pools.record_beat(s, pools.load(s, pool_name), body)
     except (InvalidInput, ConcurrentChange) as exc:
         raise Rejected(f"agent beat: {exc}") from exc
-    reply_to = body.get("reply_to")
-    if not isinstance(reply_to, str) or not reply_to.startswith("runq.reply."):
+    reply_to = remote.reply_to_of(body)
+    if reply_to is None:
         return None
     doc = {"id": body.get("id"), **wire.reply_to_json(Reply.ok())}
     return reply_to, signing.seal(key, pool_name, doc)
@@ -232,9 +230,7 @@ def serve(rt: Runtime, stop: Any, *, poll: float = 1.0) -> None:
     url = rt.settings.resolved_broker_url
     while not stop.is_set():
         try:
-            with Connection(
-                url, connect_timeout=5, transport_options=transport_options(url)
-            ) as conn:
+            with remote.connect(url) as conn:
                 queue = conn.SimpleQueue(remote.reports_queue())  # type: ignore[arg-type]
                 # Without a limit RabbitMQ pushes every pending report to the
                 # first consumer; other workers' threads would sit idle.

@@ -9,7 +9,6 @@ logged, changes nothing, and its reply tells the executor to stop.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -28,6 +27,7 @@ from executors.base import (
     Started,
     StopReason,
 )
+from executors.retry import with_backoff
 from scheduler import artifacts, leases
 from scheduler.errors import ConcurrentChange, IllegalTransition, StaleFence, TaskNotFound
 from scheduler.models import Task, Workspace
@@ -235,20 +235,11 @@ T = TypeVar("T")
 
 def retry_transient(fn: Callable[[], T], what: str, give_up_after: float) -> T:
     """``fn()``, retried with capped exponential backoff on database errors."""
-    deadline = time.monotonic() + give_up_after
-    delay = 0.2
-    while True:
-        try:
-            return fn()
-        except DBAPIError as exc:
-            if not is_transient(exc) or time.monotonic() + delay > deadline:
-                raise
-            log.warning(
-                "%s failed on a database error (%s); retrying in %.1fs",
-                what,
-                type(exc).__name__,
-                delay,
-                extra={"action": "report_retry", "what": what},
-            )
-            time.sleep(delay)
-            delay = min(delay * 2, 5.0)
+    return with_backoff(
+        fn,
+        what=what,
+        give_up_after=give_up_after,
+        retry_if=lambda exc: isinstance(exc, DBAPIError) and is_transient(exc),
+        first=0.2,
+        cap=5.0,
+    )
