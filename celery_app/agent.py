@@ -15,18 +15,13 @@ knows the pool's capacity (``runq agent list``).
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
-import signal
-from pathlib import Path
 from typing import Any
 
 from celery import Celery
 from celery.signals import worker_ready, worker_shutting_down
-from kombu import Exchange, Queue
 
-from celery_app.config import broker_specific
+from celery_app.config import durable_queue, worker_config
 from celery_app.prefetch import ExecuteRequest, HoldRunSlots
 from executors import remote, signing
 from executors.base import Bundle
@@ -45,21 +40,9 @@ def configure(settings: Settings, pool: str, capacity: int, ident: str) -> None:
     queue = remote.pool_queue(pool)
     _state.update(settings=settings, pool=pool, capacity=capacity, id=ident)
     app.conf.update(
-        broker_url=settings.resolved_broker_url,
-        broker_connection_retry_on_startup=True,
-        task_serializer="json",
-        accept_content=["json"],
-        task_ignore_result=True,
-        worker_send_task_events=True,
-        worker_prefetch_multiplier=1,
-        # Redis: worker_disable_prefetch. RabbitMQ: publisher confirms, and
-        # the run slots above in place of Celery's prefetch cut.
-        **broker_specific(settings.resolved_broker_url),
-        task_queues=[
-            Queue(queue, Exchange(queue, "direct", durable=True), routing_key=queue, durable=True)
-        ],
+        **worker_config(settings),
+        task_queues=[durable_queue(queue)],
         task_default_queue=queue,
-        worker_hijack_root_logger=True,
     )
 
 
@@ -89,12 +72,11 @@ def run(envelope: Any, meta: Any = None) -> None:
         return
     from executors import runner_for
 
-    reporter = remote.BrokerReporter(
+    reporter = remote.BrokerReporter.of(
+        settings,
         settings.resolved_broker_url,
         pool,
         signing.run_key(settings.agent_token, h.task_id, h.fence),
-        timeout=settings.report_timeout,
-        give_up_after=10 * settings.lease_ttl,
     )
     try:
         runner_for(settings, kind=f"agent:{_state['id']}").run(bundle, reporter)
@@ -116,40 +98,21 @@ def _running() -> list[dict[str, Any]]:
 
 @worker_ready.connect
 def _start_beats(sender: Any = None, **_: Any) -> None:
-    if not _state:
-        return
-    settings: Settings = _state["settings"]
-    beats = remote.AgentBeats(
-        settings.resolved_broker_url,
-        _state["pool"],
-        settings.agent_token,
-        _state["capacity"],
-        _running,
-        interval=settings.agent_beat_interval,
-        ident=_state["id"],
-    )
-    _state["beats"] = beats
-    beats.start()
-    beats.send()
+    beats = _state.get("beats")
+    if beats is not None:
+        beats.start()
+        beats.send()
 
 
 @worker_shutting_down.connect
 def _stop(**_: Any) -> None:
-    if not _state:
-        return  # not an agent (the core worker's own hook handles it)
+    # SIGTERM reaches the pool processes through the core app's hook
+    # (celery_app.app._interrupt_running_phases, connected in every process
+    # that imports the celery_app package, this one included): a phase
+    # interrupts terraform and reports before Docker's SIGKILL.
     beats = _state.get("beats")
     if beats is not None:
         beats.stop()
-    # Pass SIGTERM to the pool processes, as the core worker does: a phase
-    # interrupts terraform and reports before Docker's SIGKILL.
-    me = os.getpid()
-    try:
-        children = Path(f"/proc/{me}/task/{me}/children").read_text().split()
-    except OSError:
-        return
-    for pid in children:
-        with contextlib.suppress(ProcessLookupError, ValueError):
-            os.kill(int(pid), signal.SIGTERM)
 
 
 def main(settings: Settings, pool: str, capacity: int, loglevel: str = "INFO") -> None:
@@ -158,17 +121,19 @@ def main(settings: Settings, pool: str, capacity: int, loglevel: str = "INFO") -
         raise SystemExit("runq agent: RUNQ_AGENT_TOKEN is not set (runq pool create prints it)")
     ident = remote.agent_id()
     configure(settings, pool, capacity, ident)
-    hello = remote.AgentBeats(
+    # One beater: its first beat (before the worker runs anything) is the
+    # answered hello; the worker starts the rest once it is ready.
+    beats = _state["beats"] = remote.AgentBeats(
         settings.resolved_broker_url,
         pool,
         settings.agent_token,
         capacity,
-        list,
+        _running,
         interval=settings.agent_beat_interval,
         ident=ident,
     )
     try:
-        reply = hello.hello(timeout=settings.report_timeout)
+        reply = beats.hello(timeout=settings.report_timeout)
     except remote.Refused as exc:
         raise SystemExit(f"runq agent: the scheduler refused this agent: {exc}") from exc
     except remote.NoReply:

@@ -24,10 +24,11 @@ from scheduler.messages import (
 )
 from scheduler.settings import Settings
 
-__all__ = ["broker_kind", "broker_specific", "celery_config"]
+__all__ = ["broker_kind", "broker_specific", "celery_config", "durable_queue", "worker_config"]
 
 
-def celery_config(settings: Settings) -> dict[str, Any]:
+def worker_config(settings: Settings) -> dict[str, Any]:
+    """What every runq Celery app shares: the core workers' and the agents'."""
     return {
         "broker_url": settings.resolved_broker_url,
         "broker_connection_retry_on_startup": True,
@@ -57,17 +58,28 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # would gain nothing. (Celery 5.7 still logs a pending-deprecation
         # warning on each reconnect with this off.)
         "worker_cancel_long_running_tasks_on_connection_loss": False,
-        # One direct exchange per queue: a bare Queue(name) would bind every
-        # queue to the default queue's exchange and routing key, so a publish
-        # to that exchange would land in all three.
-        # Durable exchanges and queues and persistent messages (Celery's
-        # default delivery mode): a RabbitMQ restart keeps what was queued.
-        # Redis keeps it only as far as its own persistence is configured.
-        "task_queues": [
-            Queue(name, Exchange(name, "direct", durable=True), routing_key=name, durable=True)
-            for name in ALL_QUEUES
-        ],
         "task_default_delivery_mode": "persistent",
+        "worker_hijack_root_logger": True,
+        **broker_specific(settings.resolved_broker_url),
+    }
+
+
+def durable_queue(name: str) -> Queue:
+    """Queue ``name`` on its own direct exchange, both durable.
+
+    One direct exchange per queue: a bare Queue(name) would bind every queue
+    to the default queue's exchange and routing key, so a publish to that
+    exchange would land in all of them. Durable exchanges and queues and
+    persistent messages: a RabbitMQ restart keeps what was queued (Redis
+    keeps it only as far as its own persistence is configured).
+    """
+    return Queue(name, Exchange(name, "direct", durable=True), routing_key=name, durable=True)
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    return {
+        **worker_config(settings),
+        "task_queues": [durable_queue(name) for name in ALL_QUEUES],
         "task_default_queue": QUEUE_DISPATCH,
         "task_routes": {
             TASK_CLAIM_PLAN: {"queue": QUEUE_PLANS},
@@ -82,8 +94,6 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "beat_schedule": {},
         # Beat's bookkeeping lives with runq's other files, not in the cwd.
         "beat_schedule_filename": str(settings.data_dir.resolve() / "celerybeat-schedule"),
-        "worker_hijack_root_logger": True,
-        **broker_specific(settings.resolved_broker_url),
     }
 
 
