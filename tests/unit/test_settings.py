@@ -116,6 +116,9 @@ def test_dispatch_mode(env: pytest.MonkeyPatch, value: str, expected: DispatchMo
         ("RUNQ_CONFIRM_TIMEOUT", "-1"),
         ("RUNQ_RESEND_AFTER", "0"),
         ("RUNQ_RECONCILE_INTERVAL", "-5"),
+        ("RUNQ_EXECUTOR", "docker"),
+        ("RUNQ_FAKE_PLAN_SECONDS", "-1"),
+        ("RUNQ_FAKE_APPLY_SECONDS", "x"),
     ],
 )
 def test_bad_values_are_errors(env: pytest.MonkeyPatch, key: str, value: str) -> None:
