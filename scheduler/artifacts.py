@@ -101,15 +101,16 @@ def state_version(
     from scheduler.workspaces import load
 
     ws = load(session, workspace)
-    q = select(StateVersion).where(StateVersion.workspace_id == ws.id)
-    count = len(session.scalars(q.with_only_columns(StateVersion.id)).all())
-    if count == 0:
+    ids = session.scalars(
+        select(StateVersion.id).where(StateVersion.workspace_id == ws.id).order_by(StateVersion.id)
+    ).all()
+    if not ids:
         raise NotFound(f"workspace {workspace!r} has no stored state yet")
     if number is None:
-        number = count
-    if not 1 <= number <= count:
-        raise NotFound(f"workspace {workspace!r} has state versions 1..{count}, not {number}")
-    row = session.scalars(q.order_by(StateVersion.id).offset(number - 1).limit(1)).one()
+        number = len(ids)
+    if not 1 <= number <= len(ids):
+        raise NotFound(f"workspace {workspace!r} has state versions 1..{len(ids)}, not {number}")
+    row = session.get_one(StateVersion, ids[number - 1])
     view = StateVersionView(
         workspace,
         number,

@@ -25,6 +25,7 @@ from scheduler.errors import InvalidInput, NotFound
 from scheduler.models import Agent, AgentPool, utcnow
 from scheduler.runtime import Runtime
 from scheduler.settings import Settings
+from scheduler.workspaces import check_name
 
 log = logging.getLogger(__name__)
 
@@ -80,20 +81,9 @@ class AgentView:
         }
 
 
-def check_name(name: str) -> str:
-    from scheduler.workspaces import NAME_RE
-
-    if not NAME_RE.match(name):
-        raise InvalidInput(
-            f"invalid pool name {name!r}: use letters, digits, '.', '_' or '-' "
-            "(at most 200, starting with a letter or digit)"
-        )
-    return name
-
-
 def create(rt: Runtime, name: str, *, kind: str = KIND_AGENT) -> tuple[PoolView, str]:
     """Make pool ``name``; return it and its token (shown once, to the caller)."""
-    check_name(name)
+    check_name(name, "pool")
     token = secrets.token_urlsafe(32)
     try:
         with rt.transaction() as s:

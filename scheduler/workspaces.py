@@ -23,6 +23,16 @@ log = logging.getLogger(__name__)
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,199}$")
 
 
+def check_name(name: str, what: str = "workspace") -> str:
+    """``name`` if it is a valid workspace (or pool) name; else a clear error."""
+    if not NAME_RE.match(name):
+        raise InvalidInput(
+            f"invalid {what} name {name!r}: use letters, digits, '.', '_' or '-' "
+            "(at most 200, starting with a letter or digit)"
+        )
+    return name
+
+
 def parse_mode(value: str) -> ExecutionMode:
     return parse(ExecutionMode, value, "execution mode")
 
@@ -40,11 +50,7 @@ def create(
     k8s: dict[str, Any] | None = None,
 ) -> WorkspaceView:
     check_timeouts(plan_timeout, apply_timeout)
-    if not NAME_RE.match(name):
-        raise InvalidInput(
-            f"invalid workspace name {name!r}: use letters, digits, '.', '_' or '-' "
-            "(at most 200, starting with a letter or digit)"
-        )
+    check_name(name)
     mode = parse_mode(str(mode))
     # Every mode snapshots this directory at submit (on the submitting host),
     # so the executors never need it.
