@@ -213,29 +213,31 @@ class Bundle:
     def to_json(self) -> dict[str, Any]:
         return {
             "handoff": self.handoff.to_json(),
-            "config": _b64(self.config),
-            "state": _b64(self.state),
-            "plan": _b64(self.plan),
+            "config": b64(self.config),
+            "state": b64(self.state),
+            "plan": b64(self.plan),
         }
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Bundle:
-        config = _unb64(data["config"])
+        config = unb64(data["config"])
         if config is None:
             raise ValueError("bundle has no configuration")
         return cls(
             handoff=Handoff.from_json(data["handoff"]),
             config=config,
-            state=_unb64(data.get("state")),
-            plan=_unb64(data.get("plan")),
+            state=unb64(data.get("state")),
+            plan=unb64(data.get("plan")),
         )
 
 
-def _b64(data: bytes | None) -> str | None:
+def b64(data: bytes | None) -> str | None:
+    """``data`` as base64 text (JSON carries no bytes)."""
     return None if data is None else base64.b64encode(data).decode("ascii")
 
 
-def _unb64(text: object) -> bytes | None:
+def unb64(text: object) -> bytes | None:
+    """The bytes of base64 ``text``; TypeError or ValueError if it is not."""
     if text is None:
         return None
     if not isinstance(text, str):

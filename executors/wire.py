@@ -7,7 +7,6 @@ half-filled object.
 
 from __future__ import annotations
 
-import base64
 from dataclasses import asdict
 from typing import Any
 
@@ -23,6 +22,8 @@ from executors.base import (
     Started,
     StateWritten,
     StopReason,
+    b64,
+    unb64,
 )
 from scheduler.states import Phase
 
@@ -39,20 +40,14 @@ class BadReport(ValueError):
     """A report or reply that does not decode."""
 
 
-def _b64(data: bytes | None) -> str | None:
-    return None if data is None else base64.b64encode(data).decode("ascii")
-
-
 def _bytes(doc: dict[str, Any], key: str, *, optional: bool = False) -> bytes | None:
     value = doc.get(key)
-    if value is None and optional:
-        return None
-    if not isinstance(value, str):
+    if value is None and not optional:
         raise BadReport(f"{key} must be base64 text")
     try:
-        return base64.b64decode(value, validate=True)
-    except ValueError as exc:
-        raise BadReport(f"{key} is not base64: {exc}") from exc
+        return unb64(value)
+    except (TypeError, ValueError) as exc:
+        raise BadReport(f"{key} is not base64 text: {exc}") from exc
 
 
 def int_field(doc: dict[str, Any], key: str) -> int:
@@ -77,13 +72,13 @@ def report_to_json(report: Report) -> dict[str, Any]:
     elif isinstance(report, Heartbeat):
         doc.update(phase=str(report.phase))
     elif isinstance(report, StateWritten):
-        doc.update(serial=report.serial, lineage=report.lineage, content=_b64(report.content))
+        doc.update(serial=report.serial, lineage=report.lineage, content=b64(report.content))
     elif isinstance(report, LogWritten):
-        doc.update(phase=str(report.phase), offset=report.offset, content=_b64(report.content))
+        doc.update(phase=str(report.phase), offset=report.offset, content=b64(report.content))
     else:
         result = asdict(report.result)
         result["stopped"] = str(report.result.stopped) if report.result.stopped else None
-        doc.update(phase=str(report.phase), result=result, plan=_b64(report.plan))
+        doc.update(phase=str(report.phase), result=result, plan=b64(report.plan))
     return doc
 
 
