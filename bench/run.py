@@ -34,16 +34,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from celery import Celery
 from redis import Redis
 from sqlalchemy import func, select
 
-from celery_app.config import celery_config
-from celery_app.runtime import CeleryPublisher
+from celery_app.runtime import build_runtime, private_app
 from scheduler import tasks, workspaces
 from scheduler.api import wait
 from scheduler.models import Task
-from scheduler.runtime import Runtime
 from scheduler.settings import ExecutorKind, Settings
 from scheduler.states import DispatchMode, TaskStatus, TaskType
 from tests.conftest import create_database, drop_database
@@ -111,9 +108,8 @@ class Bench:
 
     def run_runq(self, mode: DispatchMode, rep: int) -> dict[str, Any]:
         settings = self.settings(mode)
-        app = Celery(f"bench-{mode}", set_as_current=False)
-        app.conf.update(celery_config(settings))
-        rt = Runtime(settings=settings, publisher=CeleryPublisher(app), actor="bench")
+        app = private_app(settings, f"bench-{mode}")
+        rt = build_runtime(app, settings, actor="bench")
         src = self.root / "src"
         src.mkdir(exist_ok=True)
         names = [f"{mode}-{rep}-{i}" for i in range(self.args.workspaces)]
@@ -149,8 +145,7 @@ class Bench:
         from bench.bare import STARTED
 
         settings = self.settings(DispatchMode.NEW)
-        app = Celery("bench-client", set_as_current=False)
-        app.conf.update(celery_config(settings))
+        app = private_app(settings, "bench-client")
         redis = Redis.from_url(self.redis.url)
         try:
 

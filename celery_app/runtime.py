@@ -42,6 +42,17 @@ class CeleryPublisher:
         return str(result.id)
 
 
+def private_app(settings: Settings, name: str) -> Celery:
+    """A Celery app of its own, configured from ``settings``, that does not
+    become the process's current app: for a process that only publishes
+    (the tests' clients, the benchmark), beside whatever app is loaded."""
+    from celery_app.config import celery_config
+
+    app = Celery(name, set_as_current=False)
+    app.conf.update(celery_config(settings))
+    return app
+
+
 def build_runtime(
     app: Celery, settings: Settings | None = None, actor: str | None = None
 ) -> Runtime:

@@ -31,8 +31,7 @@ from celery import Celery
 from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
 
-from celery_app.config import celery_config
-from celery_app.runtime import CeleryPublisher
+from celery_app.runtime import build_runtime, private_app
 from scheduler import tasks, workspaces
 from scheduler.errors import SchedulerError
 from scheduler.messages import Message
@@ -131,9 +130,8 @@ class FaultCluster:
             terraform_bin=str(wrapper),
             **vars(self.timings),
         )
-        self.app = Celery("runq-faults", set_as_current=False)
-        self.app.conf.update(celery_config(settings))
-        self.rt = Runtime(settings=settings, publisher=CeleryPublisher(self.app), actor="faults")
+        self.app = private_app(settings, "runq-faults")
+        self.rt = build_runtime(self.app, settings, actor="faults")
         self.pool = WorkerPool(self.workers, env, self.root / "logs", concurrency=self.concurrency)
         self.pool.start()
         self.beat = Beat(env, self.root / "logs")

@@ -21,8 +21,7 @@ from celery import Celery
 from kombu import Connection
 from kombu.exceptions import OperationalError
 
-from celery_app.config import celery_config
-from celery_app.runtime import CeleryPublisher
+from celery_app.runtime import CeleryPublisher, build_runtime, private_app
 from scheduler import messages, reconciler, status, tasks, workspaces
 from scheduler.messages import RecordingPublisher
 from scheduler.runtime import Runtime
@@ -33,9 +32,7 @@ pytestmark = [pytest.mark.amqp, pytest.mark.redis]
 
 
 def make_app(broker_url: str) -> Celery:
-    app = Celery("runq-amqp-test", set_as_current=False)
-    app.conf.update(celery_config(Settings(broker_url=broker_url)))
-    return app
+    return private_app(Settings(broker_url=broker_url), "runq-amqp-test")
 
 
 @pytest.fixture
@@ -191,9 +188,8 @@ def test_dead_broker_raises_and_the_reconciler_recovers(
         data_dir=tmp_path / "data",
         resend_after=0.1,
     )
-    app = Celery("runq-amqp-test", set_as_current=False)
-    app.conf.update(celery_config(settings))
-    rt = Runtime(settings=settings, publisher=CeleryPublisher(app), actor="reconciler-test")
+    app = private_app(settings, "runq-amqp-test")
+    rt = build_runtime(app, settings, actor="reconciler-test")
     quiet = Runtime(settings=settings, publisher=RecordingPublisher(), actor="test")
     try:
         src = tmp_path / "src"

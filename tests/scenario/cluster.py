@@ -36,8 +36,8 @@ from pathlib import Path
 from celery import Celery
 from redis import Redis
 
-from celery_app.config import broker_kind, celery_config
-from celery_app.runtime import CeleryPublisher
+from celery_app.config import broker_kind
+from celery_app.runtime import CeleryPublisher, build_runtime, private_app
 from scheduler import messages, pools, tasks, workspaces
 from scheduler.api import wait
 from scheduler.messages import RecordingPublisher
@@ -317,9 +317,8 @@ def start_cluster(
         concurrency=concurrency,
         env_for=own_host if separate_hosts else None,
     )
-    app = Celery(f"runq-scenario-{mode}", set_as_current=False)
-    app.conf.update(celery_config(settings))
-    rt = Runtime(settings=settings, publisher=CeleryPublisher(app), actor="scenario-test")
+    app = private_app(settings, f"runq-scenario-{mode}")
+    rt = build_runtime(app, settings, actor="scenario-test")
     quiet = Runtime(settings=settings, publisher=RecordingPublisher(), actor="scenario-test")
     cluster = Cluster(
         mode=mode,

@@ -29,12 +29,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from celery import Celery
 from redis import Redis
 from sqlalchemy import select
 
-from celery_app.config import celery_config
-from celery_app.runtime import CeleryPublisher
+from celery_app.runtime import CeleryPublisher, private_app
 from executors.local import STATE_FILE
 from scheduler import tasks
 from scheduler.messages import RecordingPublisher
@@ -229,8 +227,7 @@ def cluster(
     }
     pool = WorkerPool(3, env, root / "logs", concurrency=2)
     beat = Beat(env, root / "logs")
-    app = Celery("runq-faults", set_as_current=False)
-    app.conf.update(celery_config(settings))
+    app = private_app(settings, "runq-faults")
     c = FaultCluster(
         mode=DispatchMode.NEW,
         pool=pool,
