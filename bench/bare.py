@@ -1,11 +1,17 @@
 """Bare Celery, the baseline: one no-op task on runq's Celery configuration
 (same broker, same queues, same worker flags), run with
 ``celery -A bench.bare worker``. Each run appends its start time
-(``time.time()``) to the Redis list :data:`STARTED`."""
+(``time.time()``) to the Redis list :data:`STARTED`.
+
+Settings are read when Celery first asks for its configuration (and the
+Redis client made at the first task), not at import, as runq's own app does.
+"""
 
 from __future__ import annotations
 
 import time
+from functools import cache
+from typing import Any
 
 from celery import Celery
 from redis import Redis
@@ -15,15 +21,25 @@ from scheduler.settings import Settings
 
 STARTED = "bench:started"
 
-settings = Settings()
 app = Celery("bench-bare")
-app.conf.update(celery_config(settings))
-_redis: list[Redis] = []
+
+
+@cache
+def settings() -> Settings:
+    return Settings()
+
+
+@cache
+def redis() -> Redis:
+    return Redis.from_url(settings().redis_url)
+
+
+@app.on_configure.connect
+def _configure(sender: Celery, **_: Any) -> None:
+    sender.config_from_object(celery_config(settings()))
 
 
 @app.task(name="bench.noop")
 def noop() -> None:
     at = time.time()
-    if not _redis:
-        _redis.append(Redis.from_url(settings.redis_url))
-    _redis[0].rpush(STARTED, at)
+    redis().rpush(STARTED, at)
