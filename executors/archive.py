@@ -114,15 +114,33 @@ def pack_files(members: Iterable[tuple[str, Path]], limit: int, *, what: str) ->
                     tar.addfile(info, fh)
             else:
                 tar.addfile(info)
-    out = io.BytesIO()
-    with gzip.GzipFile(fileobj=out, mode="wb", mtime=0) as gz:
-        gz.write(raw.getvalue())
-    data = out.getvalue()
+    data = _gzip(raw.getvalue())
     if len(data) > limit:
         raise ArchiveError(
             f"{what} is {len(data)} bytes compressed, over the limit of {limit} bytes"
         )
     return data
+
+
+def pack_bytes(files: dict[str, bytes]) -> bytes:
+    """A tar.gz of ``{name: content}``, made as :func:`pack_files` makes one
+    (fakes and tests that have no directory to pack)."""
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, content in sorted(files.items()):
+            info = tarfile.TarInfo(name)
+            info.size = len(content)
+            info.mode = 0o644
+            tar.addfile(info, io.BytesIO(content))
+    return _gzip(raw.getvalue())
+
+
+def _gzip(tar: bytes) -> bytes:
+    # No time in the header: the same tree gives the same bytes.
+    out = io.BytesIO()
+    with gzip.GzipFile(fileobj=out, mode="wb", mtime=0) as gz:
+        gz.write(tar)
+    return out.getvalue()
 
 
 def unpack(data: bytes, dest: Path) -> None:

@@ -9,14 +9,12 @@ runs against both.
 
 from __future__ import annotations
 
-import gzip
-import io
 import secrets
-import tarfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
+from executors.archive import pack_bytes
 from executors.base import (
     Bundle,
     Changes,
@@ -36,24 +34,10 @@ DEFAULT_PLAN = PhaseResult(ok=True, has_changes=True, changes=Changes(add=1))
 DEFAULT_APPLY = PhaseResult(ok=True)
 
 
-def _tar_gz(files: dict[str, bytes]) -> bytes:
-    raw = io.BytesIO()
-    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for name, content in sorted(files.items()):
-            info = tarfile.TarInfo(name)
-            info.size = len(content)
-            info.mode = 0o644
-            tar.addfile(info, io.BytesIO(content))
-    out = io.BytesIO()
-    with gzip.GzipFile(fileobj=out, mode="wb", mtime=0) as gz:
-        gz.write(raw.getvalue())
-    return out.getvalue()
-
-
 #: A configuration version for bundles no terraform will read.
-FAKE_CONFIG = _tar_gz({"main.tf": b"# runq fake configuration\n"})
+FAKE_CONFIG = pack_bytes({"main.tf": b"# runq fake configuration\n"})
 #: The saved plan a FakeRunner's plan sends (a tar.gz, as a real one is).
-FAKE_PLAN = _tar_gz({"runq.tfplan": b"fake saved plan\n"})
+FAKE_PLAN = pack_bytes({"runq.tfplan": b"fake saved plan\n"})
 
 
 def bundle_of(handoff: Handoff, *, state: bytes | None = None, plan: bytes | None = None) -> Bundle:
