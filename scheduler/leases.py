@@ -36,7 +36,7 @@ from scheduler.errors import ConcurrentChange, IllegalTransition
 from scheduler.models import Task, Workspace, utcnow
 from scheduler.settings import Settings
 from scheduler.states import ExecutionMode, Phase, TaskStatus, TaskType, phase_of
-from scheduler.transitions import transition
+from scheduler.transitions import Seen, transition
 
 log = logging.getLogger(__name__)
 
@@ -54,16 +54,28 @@ def phase_timeout(settings: Settings, ws: Workspace, phase: Phase) -> float:
     return ws.apply_timeout or settings.apply_timeout
 
 
-def handoff_of(settings: Settings, task: Task, ws: Workspace) -> Handoff:
-    """The hand-off for ``task``'s current phase, built from its rows."""
-    phase = phase_of(TaskStatus(task.status))
+def handoff_of(
+    settings: Settings,
+    task: Task,
+    ws: Workspace,
+    *,
+    status: TaskStatus | None = None,
+    fence: int | None = None,
+) -> Handoff:
+    """The hand-off for ``task``'s current phase, built from its rows.
+
+    ``status`` and ``fence``: what a claim just wrote, for a caller that has
+    the claim's result and need not read the row back.
+    """
+    status = status or TaskStatus(task.status)
+    phase = phase_of(status)
     if phase is None:
-        raise IllegalTransition(f"task {task.id} is {task.status}: no phase is running")
+        raise IllegalTransition(f"task {task.id} is {status}: no phase is running")
     return Handoff(
         task_id=task.id,
         workspace=ws.name,
         phase=phase,
-        fence=task.fence,
+        fence=task.fence if fence is None else fence,
         speculative=task.type == TaskType.PLAN,
         mode=ExecutionMode(ws.execution_mode),
         source_dir=ws.source_dir,
@@ -110,18 +122,23 @@ def start(session: Session, settings: Settings, report: Started) -> Reply:
             Task.status == running_status(report.phase),
             or_(Task.executor_handle.is_(None), Task.executor_handle == report.handle),
         )
-        .values(
-            executor_handle=report.handle,
-            phase_started_at=now,
-            heartbeat_at=now,
-            lease_expires_at=now + timedelta(seconds=settings.lease_ttl),
-        )
+        .values(**start_values(settings, report.handle, now))
         .returning(Task.id)
         .execution_options(synchronize_session=False)
     ).scalar_one_or_none()
     if started is None:
         return Reply.stale("not running under this fence, or started already")
     return Reply.ok()
+
+
+def start_values(settings: Settings, handle: str, now: datetime) -> dict[str, object]:
+    """The columns a start writes: the executor's handle and a fresh lease."""
+    return {
+        "executor_handle": handle,
+        "phase_started_at": now,
+        "heartbeat_at": now,
+        "lease_expires_at": now + timedelta(seconds=settings.lease_ttl),
+    }
 
 
 def renew(session: Session, settings: Settings, beat: Heartbeat) -> Reply:
@@ -197,7 +214,7 @@ def lose(
     guard = None
     if guard_expired_at is not None:
         guard = Task.lease_expires_at < guard_expired_at
-    seen = TaskStatus(task.status)
+    seen = Seen.of(task, ws)
     if task.cancel_requested_at is not None:
         done = transition(
             session,
@@ -205,12 +222,13 @@ def lose(
             TaskStatus.CANCELLED,
             actor=task.cancel_requested_by or actor,
             reason=f"cancelled; {why}",
-            expect={seen},
+            expect={seen.status},
             fence=task.fence,
             guard=guard,
+            seen=seen,
         )
         return Lost(task.id, done.to_status, None)
-    if seen is TaskStatus.PLANNING and task.plan_attempts <= settings.plan_retries:
+    if seen.status is TaskStatus.PLANNING and task.plan_attempts <= settings.plan_retries:
         done = transition(
             session,
             task.id,
@@ -218,13 +236,14 @@ def lose(
             actor=actor,
             reason=f"{why}; plan re-claimed (attempt {task.plan_attempts + 1} "
             f"of {settings.plan_retries + 1})",
-            expect={seen},
+            expect={seen.status},
             fence=task.fence,
             guard=guard,
+            seen=seen,
         )
-        session.refresh(task)
-        return Lost(task.id, done.to_status, handoff_of(settings, task, ws))
-    if seen is TaskStatus.PLANNING:
+        handoff = handoff_of(settings, task, ws, status=done.to_status, fence=done.fence)
+        return Lost(task.id, done.to_status, handoff)
+    if seen.status is TaskStatus.PLANNING:
         error = f"{why}; the plan was tried {task.plan_attempts} times"
     else:
         error = f"{why}; the apply was not re-run (terraform apply is not idempotent)"
@@ -234,10 +253,11 @@ def lose(
         TaskStatus.FAILED,
         actor=actor,
         reason=why,
-        expect={seen},
+        expect={seen.status},
         fence=task.fence,
         guard=guard,
         values={"error": error},
+        seen=seen,
     )
     return Lost(task.id, done.to_status, None)
 

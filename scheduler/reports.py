@@ -33,7 +33,7 @@ from scheduler.errors import ConcurrentChange, IllegalTransition, StaleFence, Ta
 from scheduler.models import Task, Workspace
 from scheduler.runtime import Runtime
 from scheduler.states import Phase, TaskStatus, TaskType
-from scheduler.transitions import transition
+from scheduler.transitions import Seen, transition
 
 log = logging.getLogger(__name__)
 
@@ -185,6 +185,7 @@ def _end(rt: Runtime, s: Session, task: Task, ws: Workspace, report: Finished) -
         expect={leases.running_status(report.phase)},
         fence=report.fence,
         values=values,
+        seen=Seen.of(task, ws),
     )
     return to
 

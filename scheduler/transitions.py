@@ -15,14 +15,43 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, select, update
+from sqlalchemy import ColumnElement, func, insert, literal, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from scheduler import outbox
 from scheduler.errors import ConcurrentChange, IllegalTransition, StaleFence, TaskNotFound
-from scheduler.models import Task, TaskEvent, Workspace, utcnow
-from scheduler.states import CLAIMS, RUNNING, TERMINAL, TaskStatus, TaskType, allowed
+from scheduler.models import Task, TaskEvent, UTCDateTime, Workspace, utcnow
+from scheduler.states import (
+    ACTIVE_APPLY,
+    CLAIMS,
+    RUNNING,
+    TERMINAL,
+    TaskStatus,
+    TaskType,
+    allowed,
+)
+
+
+@dataclass(frozen=True)
+class Seen:
+    """What a caller read of a task (in its current transaction), so that
+    :func:`transition` need not read the row again. The UPDATE still
+    compares status and fence, so a stale ``Seen`` changes nothing and
+    raises :class:`ConcurrentChange`."""
+
+    task_id: int
+    status: TaskStatus
+    type: TaskType
+    fence: int
+    workspace_id: int
+    workspace: str
+
+    @classmethod
+    def of(cls, task: Task, ws: Workspace) -> Seen:
+        return cls(
+            task.id, TaskStatus(task.status), TaskType(task.type), task.fence, ws.id, ws.name
+        )
 
 
 @dataclass(frozen=True)
@@ -50,6 +79,7 @@ def transition(
     fence: int | None = None,
     guard: ColumnElement[bool] | None = None,
     values: Mapping[str, Any] | None = None,
+    seen: Seen | None = None,
 ) -> Transition:
     """Move task ``task_id`` to ``to``; return what happened.
 
@@ -66,30 +96,85 @@ def transition(
     has started the new phase yet, and its hand-off is sent now. Leaving a
     running status ends the lease.
 
+    ``seen``: the row as the caller has just read it, to save reading it
+    again (see :class:`Seen`).
+
     Raises :class:`TaskNotFound`, :class:`IllegalTransition`,
     :class:`StaleFence` or :class:`ConcurrentChange` (also when the partial
     unique index refuses a second active plan+apply), having written nothing.
     """
-    row = session.execute(
-        select(
-            Task.status, Task.type, Task.fence, Task.workspace_id, Task.started_at, Workspace.name
-        )
-        .join(Workspace, Workspace.id == Task.workspace_id)
-        .where(Task.id == task_id)
-    ).one_or_none()
-    if row is None:
-        raise TaskNotFound(f"task {task_id} does not exist")
-    current, task_type = TaskStatus(row.status), TaskType(row.type)
+    if seen is None:
+        seen = _read(session, task_id)
+    elif seen.task_id != task_id:
+        raise ValueError(f"seen is task {seen.task_id}, not {task_id}")
+    current, task_type = seen.status, seen.type
 
-    if fence is not None and row.fence != fence:
-        raise StaleFence(f"task {task_id}: report holds fence {fence}, the task holds {row.fence}")
+    if fence is not None and seen.fence != fence:
+        raise StaleFence(f"task {task_id}: report holds fence {fence}, the task holds {seen.fence}")
     if (expect is not None and current not in expect) or to not in allowed(task_type, current):
         raise IllegalTransition(f"task {task_id} ({task_type}) is {current}; it cannot become {to}")
 
     now = utcnow()
+    new_values = _columns(current, to, now)
+    new_values.update(values or {})
+
+    conditions = [Task.id == task_id, Task.status == current, Task.fence == seen.fence]
+    if guard is not None:
+        conditions.append(guard)
+    stmt = (
+        update(Task)
+        .where(*conditions)
+        .values(**new_values)
+        .returning(Task.fence)
+        .execution_options(synchronize_session=False)
+    )
+    # Only a plan+apply entering the active set can hit the partial unique
+    # index (a second active plan+apply in its workspace). A refused
+    # statement aborts a PostgreSQL transaction, so that one UPDATE runs in
+    # a savepoint and a lost claim leaves the caller's transaction usable;
+    # any other UPDATE cannot raise it and is spared the two round trips.
+    may_conflict = (
+        task_type is TaskType.PLAN_AND_APPLY and current not in ACTIVE_APPLY and to in ACTIVE_APPLY
+    )
+    try:
+        if may_conflict:
+            with session.begin_nested():
+                new_fence_value = session.execute(stmt).scalar_one_or_none()
+        else:
+            new_fence_value = session.execute(stmt).scalar_one_or_none()
+    except IntegrityError as exc:
+        raise ConcurrentChange(
+            f"task {task_id}: another plan+apply is active in its workspace"
+        ) from exc
+    if new_fence_value is None:
+        raise ConcurrentChange(f"task {task_id} changed while moving it to {to}")
+
+    # A Core INSERT: the ORM's unit of work would add a flush and a
+    # RETURNING for an id nobody reads.
+    session.execute(
+        insert(TaskEvent).values(
+            task_id=task_id,
+            from_status=current,
+            to_status=to,
+            actor=actor,
+            reason=reason,
+            fence=new_fence_value,
+            at=now,
+        )
+    )
+    done = Transition(
+        task_id, seen.workspace_id, seen.workspace, task_type, current, to, new_fence_value, now
+    )
+    outbox.record_transition(session, done)
+    return done
+
+
+def _columns(current: TaskStatus, to: TaskStatus, now: datetime) -> dict[str, Any]:
+    """What moving from ``current`` to ``to`` writes besides the status."""
     new_values: dict[str, Any] = {"status": to, "status_changed_at": now}
-    if row.started_at is None and to is TaskStatus.PLANNING:
-        new_values["started_at"] = now  # first claim; a cancelled task never started
+    if to is TaskStatus.PLANNING:
+        # The first claim; a cancelled task never started.
+        new_values["started_at"] = func.coalesce(Task.started_at, literal(now, UTCDateTime()))
     if to in TERMINAL:
         new_values["finished_at"] = now
     if (current, to) in CLAIMS:
@@ -106,43 +191,17 @@ def transition(
             new_values["plan_attempts"] = Task.plan_attempts + 1
     elif to not in RUNNING:
         new_values["lease_expires_at"] = None
-    new_values.update(values or {})
+    return new_values
 
-    conditions = [Task.id == task_id, Task.status == current, Task.fence == row.fence]
-    if guard is not None:
-        conditions.append(guard)
-    stmt = (
-        update(Task)
-        .where(*conditions)
-        .values(**new_values)
-        .returning(Task.fence)
-        .execution_options(synchronize_session=False)
-    )
-    try:
-        # A savepoint, so a refused claim leaves the caller's transaction usable.
-        with session.begin_nested():
-            new_fence_value = session.execute(stmt).scalar_one_or_none()
-    except IntegrityError as exc:
-        raise ConcurrentChange(
-            f"task {task_id}: another plan+apply is active in its workspace"
-        ) from exc
-    if new_fence_value is None:
-        raise ConcurrentChange(f"task {task_id} changed while moving it to {to}")
 
-    session.add(
-        TaskEvent(
-            task_id=task_id,
-            from_status=current,
-            to_status=to,
-            actor=actor,
-            reason=reason,
-            fence=new_fence_value,
-            at=now,
-        )
+def _read(session: Session, task_id: int) -> Seen:
+    row = session.execute(
+        select(Task.status, Task.type, Task.fence, Task.workspace_id, Workspace.name)
+        .join(Workspace, Workspace.id == Task.workspace_id)
+        .where(Task.id == task_id)
+    ).one_or_none()
+    if row is None:
+        raise TaskNotFound(f"task {task_id} does not exist")
+    return Seen(
+        task_id, TaskStatus(row.status), TaskType(row.type), row.fence, row.workspace_id, row.name
     )
-    session.flush()
-    done = Transition(
-        task_id, row.workspace_id, row.name, task_type, current, to, new_fence_value, now
-    )
-    outbox.record_transition(session, done)
-    return done

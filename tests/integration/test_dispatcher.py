@@ -18,6 +18,7 @@ from executors.base import Handoff, PhaseResult
 from executors.fake import FakeLauncher
 from scheduler import dispatcher, pools, reconciler, tasks, workspaces
 from scheduler.locks import dirty_key, lock_key
+from scheduler.models import Task
 from scheduler.runtime import Runtime
 from scheduler.states import DispatchMode, ExecutionMode, Phase, TaskStatus, TaskType
 from tests.integration.helpers import (
@@ -574,13 +575,13 @@ def test_hand_off_after_the_task_moved_on_changes_nothing(rt: Runtime, ws: str) 
 
 def _move_before_transition_reads(rt: Runtime, task_id: int, to: TaskStatus) -> list[int]:
     """Arrange for ``task_id`` to be moved to ``to`` (as by another actor)
-    after the dispatcher read it but before transition() re-reads it."""
+    after the dispatcher read it, just before its claim's conditional UPDATE."""
     fired: list[int] = []
 
     @event.listens_for(rt.sessions, "do_orm_execute")
     def _interloper(state: ORMExecuteState) -> None:
-        cols = {c["name"] for c in state.statement.column_descriptions}  # type: ignore[attr-defined]
-        if state.is_select and {"fence", "started_at"} <= cols and not fired:
+        mapper = state.bind_mapper
+        if state.is_update and mapper is not None and mapper.class_ is Task and not fired:
             fired.append(task_id)
             state.session.connection().execute(
                 text("UPDATE tasks SET status = :to, fence = fence + 1 WHERE id = :id"),
