@@ -58,7 +58,7 @@ def runtime() -> Runtime:
     """This process's runtime, built on first use."""
     global _runtime  # noqa: PLW0603
     if _runtime is None:
-        _runtime = build_runtime(app, settings(), actor=f"worker@{_hostname()}")
+        _runtime = build_runtime(app, settings(), actor=f"worker@{_hostname()}", worker=True)
     return _runtime
 
 

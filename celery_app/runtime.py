@@ -41,6 +41,12 @@ class CeleryPublisher:
             ) from exc
         return str(result.id)
 
+    def depth(self, queue: str) -> int | None:
+        """Messages waiting in ``queue``, not counting those a worker holds."""
+        from scheduler.status import queue_depths
+
+        return queue_depths(self.app, [queue])[queue]
+
 
 def private_app(settings: Settings, name: str) -> Celery:
     """A Celery app of its own, configured from ``settings``, that does not
@@ -54,11 +60,20 @@ def private_app(settings: Settings, name: str) -> Celery:
 
 
 def build_runtime(
-    app: Celery, settings: Settings | None = None, actor: str | None = None
+    app: Celery,
+    settings: Settings | None = None,
+    actor: str | None = None,
+    *,
+    worker: bool = False,
 ) -> Runtime:
+    """``worker``: for runq's own processes (workers, beat), which dispatch a
+    freed workspace themselves and retry once on a lost database connection
+    instead of pre-pinging (see :class:`Runtime`)."""
     settings = settings or Settings()
     return Runtime(
         settings=settings,
         publisher=CeleryPublisher(app),
         actor=actor or f"{getpass.getuser()}@{socket.gethostname()}:{os.getpid()}",
+        inline_wakeups=worker,
+        pre_ping=not worker,
     )

@@ -1,8 +1,9 @@
 """Thin task functions: ids in, the scheduler does the work.
 
-``claim_plan`` and ``dispatch`` are idempotent (they re-read the database and
-do nothing when the hint is stale), so they ack late and are re-queued if the
-worker dies under them. ``execute`` is not: see its note.
+``dispatch`` is idempotent (it re-reads the database and does nothing when
+the hint is stale), so it acks late and is re-queued if the worker dies under
+it. ``claim_plan`` and ``execute`` may run terraform for hours: see their
+notes.
 
 Every argument is checked before anything runs: a message with the wrong
 shape, from a buggy or hostile publisher, is logged as rejected and changes
@@ -55,7 +56,7 @@ def _guarded(what: str, fn: Callable[[Runtime], object]) -> None:
     what is still owed; anything else is a rejection or a bug, said as such.
     """
     try:
-        fn(runtime())
+        _retry_lost_connection(what, lambda: fn(runtime()))
     except InvalidInput as exc:
         log.warning(
             "%s rejected: %s", what, exc, extra={"action": "message_rejected", "what": what}
@@ -74,6 +75,26 @@ def _guarded(what: str, fn: Callable[[Runtime], object]) -> None:
         )
 
 
+def _retry_lost_connection(what: str, call: Callable[[], object]) -> None:
+    """``call()``, once more if it failed on a connection the server had
+    dropped (pools do not pre-ping: see scheduler.db.make_engine). The
+    failure invalidated the pool, so the second try gets a fresh one. Safe
+    because every task re-reads the database before it acts: a claim that
+    committed before the failure is found claimed, and skipped."""
+    try:
+        call()
+    except DBAPIError as exc:
+        if not exc.connection_invalidated:
+            raise
+        log.info(
+            "%s: the database connection was gone (%s); once more on a new one",
+            what,
+            type(exc.orig).__name__,
+            extra={"action": "db_reconnect", "what": what},
+        )
+        call()
+
+
 def _args(what: str, check: Callable[[], object]) -> bool:
     try:
         check()
@@ -85,10 +106,15 @@ def _args(what: str, check: Callable[[], object]) -> bool:
     return True
 
 
-@app.task(name=TASK_CLAIM_PLAN, acks_late=True, reject_on_worker_lost=True)
+#: A local-mode plan is claimed and run right here (one hop, see
+#: local_runs.run_plan), so this task may run terraform for as long as
+#: ``execute`` does, and is acknowledged the same way (see its note below).
+#: A worker that dies between the ack and the claim's commit loses the hint:
+#: the task is still pending, and the reconciler re-sends it.
+@app.task(name=TASK_CLAIM_PLAN, acks_late=False, Request=ExecuteRequest)
 def claim_plan(task_id: Any) -> None:
     if _args("claim_plan", lambda: check_id(task_id, "task id")):
-        _guarded(f"claim_plan({task_id})", lambda rt: dispatcher.claim_plan(rt, task_id))
+        _guarded(f"claim_plan({task_id})", lambda rt: local_runs.run_plan(rt, task_id))
 
 
 @app.task(name=TASK_DISPATCH, acks_late=True, reject_on_worker_lost=True)

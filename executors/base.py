@@ -209,6 +209,11 @@ class Bundle:
     state: bytes | None = None
     #: The plan artifact an apply applies (None for a plan).
     plan: bytes | None = None
+    #: The executor handle the claim was already started under: a worker
+    #: that claims a local plan and runs it itself starts it in the claim's
+    #: own UPDATE, so its runner reports no Started. Never sent: a bundle
+    #: that travels to an executor elsewhere is started by that executor.
+    started: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {

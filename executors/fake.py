@@ -84,8 +84,11 @@ class FakeRunner:
         handoff = h = bundle.handoff
         # Unique per run, as PhaseRunner's: the scheduler accepts a retried
         # Started of the same run, so two runs must not share a handle.
-        handle = f"fake:{handoff.task_id}:{handoff.phase}:{secrets.token_hex(3)}"
-        if not reporter.report(Started(h.task_id, h.fence, h.phase, handle)).accepted:
+        handle = bundle.started or f"fake:{handoff.task_id}:{handoff.phase}:{secrets.token_hex(3)}"
+        if (
+            bundle.started is None
+            and not reporter.report(Started(h.task_id, h.fence, h.phase, handle)).accepted
+        ):
             return
         self.ran.append(handoff)
         self.bundles.append(bundle)

@@ -125,10 +125,13 @@ class PhaseRunner:
         handoff = bundle.handoff
         run = secrets.token_hex(3)
         # Unique per run: a retried Started (its reply lost) is recognised.
-        handle = f"{self.kind}:{socket.gethostname()}:{os.getpid()}:{run}"
-        if not reporter.report(
-            Started(handoff.task_id, handoff.fence, handoff.phase, handle)
-        ).accepted:
+        handle = bundle.started or f"{self.kind}:{socket.gethostname()}:{os.getpid()}:{run}"
+        if (
+            bundle.started is None
+            and not reporter.report(
+                Started(handoff.task_id, handoff.fence, handoff.phase, handle)
+            ).accepted
+        ):
             log.warning(
                 "task %s %s not started: the scheduler no longer gives it to this executor",
                 handoff.task_id,

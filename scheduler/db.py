@@ -23,6 +23,8 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 SQLITE_BUSY_TIMEOUT_MS = 60_000
+#: Pooled PostgreSQL connections are replaced after this long.
+POOL_RECYCLE_SECONDS = 600
 MIGRATIONS = Path(__file__).parent / "migrations"
 
 
@@ -49,13 +51,32 @@ def pg_session_limits(
     return {"options": options, "connect_timeout": 10}
 
 
-def make_engine(url: str, *, pg_connect_args: dict[str, Any] | None = None) -> Engine:
+def make_engine(
+    url: str, *, pg_connect_args: dict[str, Any] | None = None, pre_ping: bool = True
+) -> Engine:
+    """An engine for ``url``.
+
+    ``pre_ping=False`` is for runq's workers: pre-ping costs a round trip on
+    every checkout (10% of a plan's time), and every call a worker makes
+    retries once on a connection the server dropped (reports through
+    scheduler.reports.retry_transient, tasks through
+    celery_app.tasks._guarded): the failure invalidates the whole pool, and
+    the retry gets a fresh connection. Clients keep pre-ping: a long-lived
+    application calling the Python API after a database restart should not
+    see the first call fail. Either way, recycling bounds how stale a pooled
+    connection can get behind a silent middlebox.
+    """
     parsed = make_url(url)
     if parsed.get_backend_name() == "postgresql" and parsed.drivername == "postgresql":
         # Plain postgresql:// would pick psycopg2, which runq does not ship.
         parsed = parsed.set(drivername="postgresql+psycopg")
     if parsed.get_backend_name() != "sqlite":
-        return create_engine(parsed, pool_pre_ping=True, connect_args=pg_connect_args or {})
+        return create_engine(
+            parsed,
+            pool_pre_ping=pre_ping,
+            pool_recycle=POOL_RECYCLE_SECONDS,
+            connect_args=pg_connect_args or {},
+        )
 
     if parsed.database and parsed.database != ":memory:":
         Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)

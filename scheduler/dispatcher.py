@@ -26,26 +26,27 @@ the lock's TTL and PostgreSQL's session timeouts free it).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from executors import launcher_for
-from executors.base import Handoff
-from scheduler import leases
-from scheduler.errors import ConcurrentChange, IllegalTransition
+from executors.base import Bundle, Handoff
+from scheduler import bundles, leases
+from scheduler.errors import ConcurrentChange
 from scheduler.locks import workspace_lock
-from scheduler.models import Task, Workspace
+from scheduler.models import Task, Workspace, utcnow
 from scheduler.runtime import Runtime
 from scheduler.states import (
     ACTIVE_APPLY,
     RUNNING,
     DispatchMode,
+    ExecutionMode,
     TaskStatus,
     TaskType,
 )
-from scheduler.transitions import transition
+from scheduler.transitions import Seen, transition
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,10 @@ class Decision:
     reason: str
     task_id: int | None = None
     fence: int | None = None
+    #: A plan claimed to run in the claiming worker (claim_plan's
+    #: ``start_as``): its bundle, or why it can never run.
+    bundle: Bundle | None = field(default=None, repr=False, compare=False)
+    unrunnable: bundles.Unrunnable | None = field(default=None, repr=False, compare=False)
 
     @property
     def claimed(self) -> bool:
@@ -89,18 +94,21 @@ def _log(decision: Decision, verb: str = "dispatch", lock: str = "none") -> Deci
 
 
 def _claim(
-    rt: Runtime, s: Session, task: Task, ws: Workspace, to: TaskStatus, reason: str
+    rt: Runtime,
+    s: Session,
+    task: Task,
+    ws: Workspace,
+    to: TaskStatus,
+    reason: str,
+    values: dict[str, object] | None = None,
 ) -> Handoff:
-    seen = TaskStatus(task.status)
-    try:
-        transition(s, task.id, to, actor=rt.actor, reason=reason, expect={seen})
-    except IllegalTransition as exc:
-        # The move from what we read is legal, so the task moved on between
-        # our read and transition()'s (another claimer committed first, or a
-        # cancel did): a lost race, not an error.
-        raise ConcurrentChange(f"task {task.id} is no longer {seen}: {exc}") from exc
-    s.refresh(task)
-    return leases.handoff_of(rt.settings, task, ws)
+    """Claim ``task`` as read in this transaction: one conditional UPDATE.
+    :class:`ConcurrentChange` if it moved on since (another claimer or a
+    cancel committed first: a lost race, not an error)."""
+    done = transition(
+        s, task.id, to, actor=rt.actor, reason=reason, seen=Seen.of(task, ws), values=values
+    )
+    return leases.handoff_of(rt.settings, task, ws, status=to, fence=done.fence)
 
 
 def hand_off(rt: Runtime, handoff: Handoff) -> None:
@@ -131,12 +139,22 @@ def hand_off(rt: Runtime, handoff: Handoff) -> None:
     )
 
 
-def claim_plan(rt: Runtime, task_id: int) -> Decision:
-    """Claim plan task ``task_id`` by id, with no lock, and hand it off."""
+def claim_plan(rt: Runtime, task_id: int, *, start_as: str | None = None) -> Decision:
+    """Claim plan task ``task_id`` by id, with no lock, and hand it off.
+
+    With ``start_as`` (an executor handle), a plan of a local-mode workspace
+    is not handed off: the caller runs it itself. The claim starts it under
+    that handle in the same UPDATE, and the returned decision carries its
+    bundle, read in the same transaction (or, if it can never run,
+    :class:`~scheduler.bundles.Unrunnable` to end it with). One transaction
+    and no broker hop between the claim and terraform.
+    """
 
     def skip(workspace: str, reason: str) -> Decision:
         return _log(Decision(workspace, "skipped", reason, task_id), verb="claim")
 
+    bundle: Bundle | None = None
+    unrunnable: bundles.Unrunnable | None = None
     with rt.transaction() as s:
         row = s.execute(
             select(Task, Workspace)
@@ -151,18 +169,36 @@ def claim_plan(rt: Runtime, task_id: int) -> Decision:
             return skip(ws.name, "not a plan task")
         if task.status != TaskStatus.PENDING:
             return skip(ws.name, f"already {task.status} (late or duplicate)")
+        handle = start_as if ws.execution_mode == ExecutionMode.LOCAL else None
+        here = handle is not None
         if not legacy:
+            values = leases.start_values(rt.settings, handle, utcnow()) if handle else None
             try:
-                handoff = _claim(rt, s, task, ws, TaskStatus.PLANNING, "plan claimed")
+                handoff = _claim(rt, s, task, ws, TaskStatus.PLANNING, "plan claimed", values)
             except ConcurrentChange as exc:
                 return skip(ws.name, f"lost race: {exc}")
+            if handle is not None:
+                try:
+                    bundle = bundles.of(s, rt.settings, task, ws, handoff)
+                    bundle = replace(bundle, started=handle)
+                except bundles.Unrunnable as exc:
+                    unrunnable = exc  # the claim stands: the caller ends it, saying why
     if legacy:
         # A claim sent before a switch to legacy mode, where every task waits
         # its turn in the workspace: the hint goes to the dispatcher instead.
         return dispatch(rt, ws.name)
-    hand_off(rt, handoff)
+    if not here:
+        hand_off(rt, handoff)
     return _log(
-        Decision(ws.name, "claimed_plan", "plan tasks take no lock", task_id, handoff.fence),
+        Decision(
+            ws.name,
+            "claimed_plan",
+            "plan tasks take no lock" + ("; runs here" if here else ""),
+            task_id,
+            handoff.fence,
+            bundle=bundle,
+            unrunnable=unrunnable,
+        ),
         verb="claim",
     )
 

@@ -1,13 +1,16 @@
-"""What a runq worker does with an ``execute`` message (local mode)."""
+"""What a runq worker runs itself (local mode): an ``execute`` message's
+claimed phase, and a ``claim_plan`` message's plan (claimed and run in one go)."""
 
 from __future__ import annotations
 
 import logging
 import os
+import secrets
 import socket
+from dataclasses import replace
 
 from executors.base import Bundle, Finished, PhaseResult, Runner, Started
-from scheduler import bundles
+from scheduler import bundles, dispatcher, leases
 from scheduler.errors import ConcurrentChange, InvalidInput
 from scheduler.reports import DirectReporter
 from scheduler.runtime import Runtime
@@ -22,9 +25,18 @@ def execute(rt: Runtime, task_id: int, fence: int, runner: Runner | None = None)
     Everything the phase needs is read from the database, so any worker on
     any host can run it: no disk is shared between the plan and the apply.
     """
+    handle = _new_handle()
     try:
         with rt.transaction() as s:
             bundle = bundles.build(s, rt.settings, task_id, fence)
+            h = bundle.handoff
+            if h.mode is not ExecutionMode.LOCAL:
+                raise InvalidInput(f"the runs queue got a {h.mode} task; only local runs here")
+            # Started in the bundle's own transaction (the runner then
+            # reports none): the same compare-and-set on an empty handle,
+            # one transaction fewer before terraform starts.
+            if not leases.start(s, rt.settings, Started(task_id, fence, h.phase, handle)).accepted:
+                raise ConcurrentChange(f"task {task_id} was started meanwhile")
     except bundles.Unrunnable as exc:
         fail(rt, exc)
         return None
@@ -37,23 +49,58 @@ def execute(rt: Runtime, task_id: int, fence: int, runner: Runner | None = None)
             extra={"action": "execute_skipped", "task_id": task_id},
         )
         return None
-    if bundle.handoff.mode is not ExecutionMode.LOCAL:
-        raise InvalidInput(f"the runs queue got a {bundle.handoff.mode} task; only local runs here")
+    log.info(
+        "task %s %s started on %s",
+        task_id,
+        h.phase,
+        handle,
+        extra={"action": "phase_started", "task_id": task_id},
+    )
     if runner is None:
         from executors import runner_for
 
         runner = runner_for(rt.settings)
+    bundle = replace(bundle, started=handle)
     runner.run(bundle, DirectReporter(rt))
     return bundle
 
 
-def fail(rt: Runtime, exc: bundles.Unrunnable) -> None:
+def _new_handle() -> str:
+    """A local executor handle, unique per run."""
+    return f"local:{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+
+
+def run_plan(rt: Runtime, task_id: int, runner: Runner | None = None) -> Bundle | None:
+    """Claim plan task ``task_id`` and run it in this worker, if it is a
+    local-mode plan; anything else is claimed and handed off as
+    :func:`scheduler.dispatcher.claim_plan` does. Returns the bundle run.
+
+    A local plan needs no second broker hop: the claim, its start and its
+    bundle are one transaction, and terraform starts right after the commit.
+    """
+    handle = _new_handle()
+    decision = dispatcher.claim_plan(rt, task_id, start_as=handle)
+    if decision.unrunnable is not None:
+        fail(rt, decision.unrunnable, started=handle)
+        return None
+    if decision.bundle is None:
+        return None
+    if runner is None:
+        from executors import runner_for
+
+        runner = runner_for(rt.settings)
+    runner.run(decision.bundle, DirectReporter(rt))
+    return decision.bundle
+
+
+def fail(rt: Runtime, exc: bundles.Unrunnable, *, started: str | None = None) -> None:
     """End a claim that can never run, through the executor protocol (start,
     then a failed finish), so the task fails now, saying why, instead of
-    being re-sent until the hand-off attempts run out."""
+    being re-sent until the hand-off attempts run out. ``started``: the
+    handle the claim was already started under (see :func:`run_plan`)."""
     h = exc.handoff
     reporter = DirectReporter(rt)
-    handle = f"local:{socket.gethostname()}:{os.getpid()}:unrunnable"
+    handle = started or f"local:{socket.gethostname()}:{os.getpid()}:unrunnable"
     log.warning(
         "task %s %s (fence %s) cannot run: %s",
         h.task_id,

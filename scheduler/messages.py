@@ -9,7 +9,7 @@ lost message delays work and a duplicated one does nothing.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from scheduler.errors import InvalidInput
 
@@ -66,6 +66,15 @@ def _brief(value: object) -> str:
 class Publisher(Protocol):
     def publish(self, message: Message) -> str:
         """Send ``message``; return the broker's message id."""
+        ...
+
+
+@runtime_checkable
+class QueueDepths(Protocol):
+    """A publisher that can also say how many messages wait in a queue."""
+
+    def depth(self, queue: str) -> int | None:
+        """Messages waiting in ``queue`` (None: the broker cannot say now)."""
         ...
 
 

@@ -25,9 +25,10 @@ log = logging.getLogger(__name__)
 _PENDING = "runq.outbox"
 _HOOKED = "runq.outbox.hooked"
 
-#: Called after commit with the transitions committed; returns extra messages
-#: (the runtime uses it to wake the dispatcher when a workspace frees up).
-AfterCommit = Callable[[list[object]], list[Message]]
+#: Called after commit with the session and the transitions committed;
+#: returns extra messages (the runtime uses it to wake the dispatcher when a
+#: workspace frees up).
+AfterCommit = Callable[[Session, list[object]], list[Message]]
 _TRANSITIONS = "runq.transitions"
 
 
@@ -47,34 +48,16 @@ def attach(
         target.configure(info={_HOOKED: True})
 
     def _send(sess: Session) -> None:
-        # after_commit also fires when a SAVEPOINT is released (every
+        # after_commit also fires when a SAVEPOINT is released (a claim's
         # transition() uses one); only the root commit makes rows visible.
         if sess.in_nested_transaction():
             return
         messages: list[Message] = sess.info.pop(_PENDING, [])
         transitions: list[object] = sess.info.pop(_TRANSITIONS, [])
         if after_commit is not None and transitions:
-            messages.extend(after_commit(transitions))
-        seen: set[Message] = set()
-        for message in messages:
-            if message in seen:  # one wake-up per workspace per commit is enough
-                continue
-            seen.add(message)
-            try:
-                publisher.publish(message)
-            except Exception as exc:
-                # Usually the broker is unreachable: one line says so; the
-                # traceback is for -vv / DEBUG.
-                log.error(  # noqa: TRY400 - the traceback only at DEBUG, see above
-                    "publishing %s%s failed after commit (%s: %s); the work is saved "
-                    "and the reconciler will re-send it",
-                    message.task,
-                    message.args,
-                    type(exc).__name__,
-                    exc,
-                    exc_info=log.isEnabledFor(logging.DEBUG),
-                    extra={"action": "publish_failed", "message_task": message.task},
-                )
+            messages.extend(after_commit(sess, transitions))
+        for message in dict.fromkeys(messages):  # one wake-up per workspace per commit
+            publish_logged(publisher, message)
 
     def _drop(sess: Session, transaction: SessionTransaction) -> None:
         # Only the end of the root transaction forgets what is queued: a
@@ -87,6 +70,25 @@ def attach(
 
     event.listen(target, "after_commit", _send)
     event.listen(target, "after_transaction_end", _drop)
+
+
+def publish_logged(publisher: Publisher, message: Message) -> None:
+    """Publish ``message`` after a commit; a failure is logged, not raised."""
+    try:
+        publisher.publish(message)
+    except Exception as exc:
+        # Usually the broker is unreachable: one line says so; the
+        # traceback is for -vv / DEBUG.
+        log.error(  # noqa: TRY400 - the traceback only at DEBUG, see above
+            "publishing %s%s failed after commit (%s: %s); the work is saved "
+            "and the reconciler will re-send it",
+            message.task,
+            message.args,
+            type(exc).__name__,
+            exc,
+            exc_info=log.isEnabledFor(logging.DEBUG),
+            extra={"action": "publish_failed", "message_task": message.task},
+        )
 
 
 def add(session: Session, message: Message) -> None:

@@ -117,7 +117,7 @@ def collect(rt: Runtime, app: Celery | None = None, *, ping_timeout: float = 1.0
     queues: dict[str, int | None] = dict.fromkeys(names)
     if app is not None:
         workers = _ping(app, ping_timeout)
-        queues = _depths(app, names)
+        queues = queue_depths(app, names)
     return Status(
         last_sweep_at=beat.at if beat else None,
         sweep_interval=rt.settings.reconcile_interval,
@@ -137,7 +137,7 @@ def _ping(app: Celery, timeout: float) -> list[str] | None:
     return sorted(name for reply in replies for name in reply)
 
 
-def _depths(app: Celery, names: list[str]) -> dict[str, int | None]:
+def queue_depths(app: Celery, names: list[str]) -> dict[str, int | None]:
     """Messages waiting in each queue (not those a worker has reserved).
 
     None for every queue when the broker cannot be reached.

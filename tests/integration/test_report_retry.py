@@ -118,9 +118,12 @@ def test_a_state_write_retried_after_a_kill_is_stored_once(
         assert s.scalar(select(func.count()).select_from(StateVersion)) == 1
 
 
+@pytest.mark.parametrize("pre_ping", [True, False])
 def test_finished_lands_after_a_kill_between_two_reports(
-    rt: Runtime, ws: str, worker: Runtime
+    rt: Runtime, ws: str, pre_ping: bool
 ) -> None:
+    # A worker's runtime does not pre-ping: the retry alone must land it.
+    worker = Runtime(rt.settings, rt.publisher, actor="worker", pre_ping=pre_ping)
     tid, f = claimed(rt, ws)
     reporter = DirectReporter(worker)
     assert reporter.report(Started(tid, f, Phase.PLAN, "exec:1")).accepted
@@ -133,6 +136,7 @@ def test_finished_lands_after_a_kill_between_two_reports(
         ).fetchall()
     assert killed and all(ok for (ok,) in killed)
     assert reporter.report(Finished(tid, f, Phase.PLAN, PLAN_WITH_CHANGES)).accepted
+    worker.close()
     assert tasks.get(rt, tid).status is S.SUCCESS
 
 
@@ -282,3 +286,55 @@ def test_a_report_paused_past_the_idle_timeout_is_retried(
         assert tasks.get(rt, tid).status is S.APPLIED
     finally:
         paused.close()
+
+
+# ---------------------------------------------------------------- a pooled connection gone stale
+
+
+def kill_pooled_connection(rt: Runtime) -> int:
+    """Terminate the backend of the connection ``rt``'s pool holds idle (as a
+    server restart or an admin would), and return its pid."""
+    with rt.engine.connect() as conn:
+        pid = conn.connection.dbapi_connection.info.backend_pid  # type: ignore[union-attr]
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
+        assert admin.execute("SELECT pg_terminate_backend(%s, 5000)", (pid,)).fetchone() == (True,)
+    return int(pid)
+
+
+@pytest.fixture
+def unpinged(rt: Runtime) -> Iterator[Runtime]:
+    """A worker's runtime: no pre-ping (see scheduler.db.make_engine)."""
+    r = Runtime(rt.settings, rt.publisher, actor="worker", inline_wakeups=True, pre_ping=False)
+    yield r
+    r.close()
+
+
+def test_worker_tasks_retry_once_on_a_connection_the_server_dropped(
+    rt: Runtime, ws: str, unpinged: Runtime, caplog: Any
+) -> None:
+    """Workers' pools do not pre-ping (a round trip per checkout). A pooled
+    connection that died while idle fails its next statement; a worker task
+    tries once more on a fresh connection instead of leaving the hint to the
+    reconciler."""
+    from sqlalchemy.exc import DBAPIError
+
+    from celery_app.tasks import _retry_lost_connection
+    from scheduler import dispatcher
+
+    worker = unpinged
+    first = tasks.submit(rt, ws, TaskType.PLAN)
+    kill_pooled_connection(worker)
+    # Without the retry the hazard is real: the stale connection fails.
+    with pytest.raises(DBAPIError) as failed:
+        dispatcher.claim_plan(worker, first.id)
+    assert failed.value.connection_invalidated
+    assert tasks.get(rt, first.id).status is S.PENDING
+
+    second = tasks.submit(rt, ws, TaskType.PLAN)
+    kill_pooled_connection(worker)
+    caplog.set_level(logging.INFO, logger="celery_app.tasks")
+    _retry_lost_connection("claim_plan", lambda: dispatcher.claim_plan(worker, second.id))
+
+    assert tasks.get(rt, second.id).status is S.PLANNING
+    reconnects = [r for r in caplog.records if getattr(r, "action", None) == "db_reconnect"]
+    assert len(reconnects) == 1

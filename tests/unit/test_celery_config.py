@@ -9,6 +9,7 @@ import pytest
 
 from celery_app import tasks
 from celery_app.config import broker_kind, celery_config
+from celery_app.prefetch import ExecuteRequest
 from scheduler import messages
 from scheduler.settings import Settings
 
@@ -44,13 +45,18 @@ def test_routes_send_each_message_to_its_queue() -> None:
     assert messages.dispatch("ws").queue == messages.QUEUE_DISPATCH
 
 
-def test_only_idempotent_tasks_ack_late() -> None:
-    # claim_plan and dispatch re-read the database, so a redelivery is safe.
-    for task in (tasks.claim_plan, tasks.dispatch):
-        assert task.acks_late is True
-        assert task.reject_on_worker_lost is True
-    # Redelivering execute would run terraform apply twice.
-    assert tasks.execute.acks_late is False
+def test_only_dispatch_acks_late() -> None:
+    # dispatch re-reads the database, so a redelivery is safe.
+    assert tasks.dispatch.acks_late is True
+    assert tasks.dispatch.reject_on_worker_lost is True
+    # claim_plan and execute run terraform (a local plan is claimed and run
+    # in one go): acked at start, holding their prefetch slot, because
+    # RabbitMQ closes a channel that holds a delivery unacked for longer
+    # than its consumer_timeout. A hint lost with a dead worker is the
+    # reconciler's to re-send; a redelivered execute would be a stale hint.
+    for task in (tasks.claim_plan, tasks.execute):
+        assert task.acks_late is False
+        assert task.Request is ExecuteRequest
 
 
 def test_beat_sweeps_itself_and_schedules_nothing_on_the_workers() -> None:

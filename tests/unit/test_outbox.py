@@ -139,7 +139,7 @@ def test_wakeups(
     tmp_path: Path, mode: DispatchMode, task_type: TaskType, to: TaskStatus, wakes: bool
 ) -> None:
     rt = Runtime(Settings(data_dir=tmp_path, dispatch_mode=mode), RecordingPublisher())
-    got = rt._wakeups([_t("net", task_type, to)])
+    got = rt._wakeups(Session(), [_t("net", task_type, to)])
     assert got == ([messages.dispatch("net")] if wakes else [])
 
 
@@ -147,13 +147,14 @@ def test_wakeups_one_per_workspace_sorted(tmp_path: Path) -> None:
     rt = Runtime(Settings(data_dir=tmp_path), RecordingPublisher())
     pa = TaskType.PLAN_AND_APPLY
     got = rt._wakeups(
+        Session(),
         [
             _t("b", pa, TaskStatus.APPLIED),
             _t("a", pa, TaskStatus.CANCELLED),
             _t("b", pa, TaskStatus.APPLY_QUEUED),
             _t("c", TaskType.PLAN, TaskStatus.SUCCESS),
             "not a transition",
-        ]
+        ],
     )
     assert got == [messages.dispatch("a"), messages.dispatch("b")]
 
