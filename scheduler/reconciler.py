@@ -5,9 +5,9 @@ commit, a Redis restart without persistence, a purged queue); workers can die
 mid-phase. The database still says what is waiting and who holds what, so
 ``celery beat`` runs :func:`sweep` every ``RUNQ_RECONCILE_INTERVAL`` seconds:
 
-* re-send ``claim_plan`` for plan tasks pending longer than ``RUNQ_RESEND_AFTER``;
-* re-send ``dispatch`` for every workspace with a pending plan+apply or a
-  confirmed apply waiting to be claimed (dispatch is idempotent);
+* re-send ``claim_plan`` for plan tasks pending longer than ``RUNQ_RESEND_AFTER``
+  whose hint is in no queue, and ``dispatch`` for every workspace whose next
+  step could be taken and has waited as long (see :func:`_owed_hints`);
 * re-send the hand-off of claimed phases no executor has started, with
   backoff, and fail them after ``RUNQ_HANDOFF_ATTEMPTS`` sends;
 * expire lapsed leases (:func:`scheduler.leases.lose`): re-claim a lost plan,
@@ -29,9 +29,9 @@ import logging
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import and_, exists, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 
 from executors.base import Handoff
 from scheduler import k8s_jobs, leases, messages, pools
@@ -39,6 +39,7 @@ from scheduler.errors import ConcurrentChange, IllegalTransition
 from scheduler.models import ServiceBeat, Task, Workspace, utcnow
 from scheduler.runtime import Runtime
 from scheduler.states import (
+    ACTIVE_APPLY,
     RUNNING,
     DispatchMode,
     ExecutionMode,
@@ -293,30 +294,84 @@ def _expire_confirmations(rt: Runtime, now: datetime, out: Sweep) -> None:
 
 
 def _owed_hints(rt: Runtime, now: datetime) -> tuple[list[int], list[str]]:
+    """The hints really owed: O(what was lost), not O(what is queued).
+
+    Re-sending a hint for every task that has waited long would, behind a
+    backlog, re-publish the whole backlog every sweep (60k messages each 30 s
+    at a 50k-task backlog), each one a wasted round trip for a worker.
+    """
     cutoff = now - timedelta(seconds=rt.settings.resend_after)
-    legacy = rt.settings.dispatch_mode is DispatchMode.LEGACY
     with rt.sessions() as s:
-        plans: list[int] = []
-        if not legacy:
-            plans = list(
-                s.scalars(
-                    select(Task.id).where(
-                        Task.type == TaskType.PLAN,
-                        Task.status == TaskStatus.PENDING,
-                        Task.created_at < cutoff,
-                    )
-                )
-            )
-        waiting = select(Workspace.name).join(Task, Task.workspace_id == Workspace.id)
-        waiting = waiting.where(
-            Task.status.in_([TaskStatus.PENDING, TaskStatus.APPLY_QUEUED]),
-            # A manual lock holds back plan+apply only; legacy plans still go.
-            or_(Workspace.locked_by.is_(None), Task.type == TaskType.PLAN),
-        )
-        if not legacy:
-            waiting = waiting.where(Task.type == TaskType.PLAN_AND_APPLY)
-        workspaces = sorted(set(s.scalars(waiting.distinct())))
+        plans = _owed_plans(rt, s, cutoff)
+        workspaces = _owed_dispatches(rt, s)
     return plans, workspaces
+
+
+def _owed_plans(rt: Runtime, s: Session, cutoff: datetime) -> list[int]:
+    """Pending plans whose ``claim_plan`` is in no queue.
+
+    Every pending plan had one published; those still queued are counted by
+    the broker. If the plans queue holds ``d`` messages and ``p`` plans are
+    pending, at least ``p - d`` hints were lost, and the oldest pending plans
+    are the likeliest (the queue is consumed in order, so what is left in it
+    is the newest). Stale duplicates in the queue hide a loss only until
+    workers drain them, which is quick: each is a read that finds the plan
+    taken. A broker that cannot say how deep the queue is (None) is taken
+    for an empty one: every plan waiting past ``RUNQ_RESEND_AFTER`` is sent.
+    """
+    if rt.settings.dispatch_mode is DispatchMode.LEGACY:
+        return []  # every task waits in its workspace's line: dispatch hints
+    is_plan = (Task.type == TaskType.PLAN, Task.status == TaskStatus.PENDING)
+    pending = s.scalar(select(func.count()).select_from(Task).where(*is_plan)) or 0
+    if not pending:
+        return []
+    depth = 0
+    if isinstance(rt.publisher, messages.QueueDepths):
+        depth = rt.publisher.depth(messages.QUEUE_PLANS) or 0
+    owed = pending - depth
+    if owed <= 0:
+        return []
+    return list(
+        s.scalars(
+            select(Task.id).where(*is_plan, Task.created_at < cutoff).order_by(Task.id).limit(owed)
+        )
+    )
+
+
+def _owed_dispatches(rt: Runtime, s: Session) -> list[str]:
+    """Workspaces whose next step could be taken now.
+
+    A workspace busy with an active plan+apply owes nothing however long its
+    queue: its next step comes when the active one ends, whose commit wakes
+    the dispatcher. Only a workspace with a claimable step (a confirmed
+    apply, or a head of queue with nothing active) may have lost its
+    wake-up. At most one message per such workspace and sweep, and a
+    duplicate finds the step taken: so no age is waited for (an unlocked
+    workspace, say, goes at the next sweep).
+    """
+    legacy = rt.settings.dispatch_mode is DispatchMode.LEGACY
+    holders = ACTIVE_APPLY | RUNNING if legacy else ACTIVE_APPLY
+    t, other = aliased(Task), aliased(Task)
+    same_line = [] if legacy else [other.type == TaskType.PLAN_AND_APPLY]
+    mine = [] if legacy else [t.type == TaskType.PLAN_AND_APPLY]
+    held = exists().where(
+        other.workspace_id == t.workspace_id,
+        other.status.in_([str(x) for x in holders]),
+        *same_line,
+    )
+    head_waits = and_(t.status == TaskStatus.PENDING, ~held)
+    query = (
+        select(Workspace.name)
+        .join(t, t.workspace_id == Workspace.id)
+        .where(
+            or_(t.status == TaskStatus.APPLY_QUEUED, head_waits),
+            *mine,
+            # A manual lock holds back plan+apply only; legacy plans still go.
+            or_(Workspace.locked_by.is_(None), t.type == TaskType.PLAN),
+        )
+        .distinct()
+    )
+    return sorted(s.scalars(query))
 
 
 def _record_beat(s: Session, now: datetime, out: Sweep) -> None:

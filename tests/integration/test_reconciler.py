@@ -111,3 +111,59 @@ def test_legacy_sweep_dispatches_workspaces_with_pending_plans(
     recorder(rt).sent.clear()
     assert reconciler.sweep(rt) == reconciler.Sweep(plans=[], workspaces=["net"])
     assert recorder(rt).sent == [messages.dispatch("net")]
+
+
+def test_a_backlog_still_queued_is_not_resent_only_lost_hints_are(
+    rt: Runtime, tmp_path: Path
+) -> None:
+    """O(owed), not O(backlog): plans waiting behind a deep queue have their
+    hint in it; the sweep re-sends only as many as the broker lacks."""
+    from celery_app.runtime import CeleryPublisher, private_app
+
+    app = private_app(rt.settings, "reconciler-test")
+    broker = Runtime(rt.settings, CeleryPublisher(app), actor="test")
+
+    def purge() -> None:
+        with app.connection_for_write() as conn:
+            conn.default_channel.queue_purge(messages.QUEUE_PLANS)
+
+    purge()
+    try:
+        make_workspace(rt, "net", tmp_path / "src")
+        # The oldest three lost their hints (rt's publisher only records);
+        # thirty more are queued on the real broker, with no worker to take them.
+        lost = [tasks.submit(rt, "net", TaskType.PLAN).id for _ in range(3)]
+        queued = [tasks.submit(broker, "net", TaskType.PLAN).id for _ in range(30)]
+        for task_id in lost + queued:
+            _age(rt, task_id, 3600)
+        assert isinstance(broker.publisher, messages.QueueDepths)
+        assert broker.publisher.depth(messages.QUEUE_PLANS) == 30
+
+        assert reconciler.sweep(broker).plans == lost
+        assert broker.publisher.depth(messages.QUEUE_PLANS) == 33
+        # Now every pending plan has its hint queued: nothing more is owed.
+        assert reconciler.sweep(broker).plans == []
+        assert broker.publisher.depth(messages.QUEUE_PLANS) == 33
+    finally:
+        purge()
+        broker.close()
+        app.close()
+
+
+def test_a_busy_workspace_owes_no_dispatch_however_long_its_queue(
+    rt: Runtime, tmp_path: Path
+) -> None:
+    make_workspace(rt, "net", tmp_path / "src")
+    active = tasks.submit(rt, "net", PA)
+    queued = [tasks.submit(rt, "net", PA).id for _ in range(20)]
+    dispatcher.dispatch(rt, "net")
+    assert tasks.get(rt, active.id).status is TaskStatus.PLANNING
+    for task_id in queued:
+        _age(rt, task_id, 3600)
+    recorder(rt).sent.clear()
+    assert reconciler.sweep(rt).workspaces == []
+    # Once the active one ends and its wake-up is lost, the head is owed.
+    with rt.transaction() as s:
+        s.execute(update(Task).where(Task.id == active.id).values(status="failed"))
+    assert reconciler.sweep(rt).workspaces == ["net"]
+    assert dispatches(rt) == ["net"]
