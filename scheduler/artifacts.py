@@ -29,7 +29,7 @@ from pathlib import Path
 
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, defer
 
 from executors import archive
 from executors.base import LogWritten, Reply, StateWritten
@@ -196,8 +196,12 @@ def store_config(session: Session, workspace_id: int, content: bytes) -> Configu
     digest = archive.sha256(content)
 
     def find() -> ConfigurationVersion | None:
+        # Not the content (up to RUNQ_MAX_CONFIG_BYTES): a submit needs only
+        # the id, and an executor that reads it loads it then.
         return session.scalars(
-            select(ConfigurationVersion).where(
+            select(ConfigurationVersion)
+            .options(defer(ConfigurationVersion.content))
+            .where(
                 ConfigurationVersion.workspace_id == workspace_id,
                 ConfigurationVersion.sha256 == digest,
             )
