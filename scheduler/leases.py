@@ -114,18 +114,21 @@ def start(session: Session, settings: Settings, report: Started) -> Reply:
     # the first start fills it, so a redelivered or duplicated hand-off finds
     # it taken and must not run. Handles are unique per run, so the same
     # runner retrying a Started whose reply it lost is answered yes again.
-    started = session.execute(
-        update(Task)
-        .where(
-            Task.id == report.task_id,
-            Task.fence == report.fence,
-            Task.status == running_status(report.phase),
-            or_(Task.executor_handle.is_(None), Task.executor_handle == report.handle),
+    started = (
+        session.connection()
+        .execute(
+            update(Task)
+            .where(
+                Task.id == report.task_id,
+                Task.fence == report.fence,
+                Task.status == running_status(report.phase),
+                or_(Task.executor_handle.is_(None), Task.executor_handle == report.handle),
+            )
+            .values(**start_values(settings, report.handle, now))
+            .returning(Task.id)
         )
-        .values(**start_values(settings, report.handle, now))
-        .returning(Task.id)
-        .execution_options(synchronize_session=False)
-    ).scalar_one_or_none()
+        .scalar_one_or_none()
+    )
     if started is None:
         return Reply.stale("not running under this fence, or started already")
     return Reply.ok()
@@ -144,24 +147,27 @@ def start_values(settings: Settings, handle: str, now: datetime) -> dict[str, ob
 def renew(session: Session, settings: Settings, beat: Heartbeat) -> Reply:
     """Renew the lease and say what the executor should do next."""
     now = utcnow()
-    row = session.execute(
-        update(Task)
-        .where(
-            Task.id == beat.task_id,
-            Task.fence == beat.fence,
-            Task.status == running_status(beat.phase),
-            Task.executor_handle.is_not(None),
+    row = (
+        session.connection()
+        .execute(
+            update(Task)
+            .where(
+                Task.id == beat.task_id,
+                Task.fence == beat.fence,
+                Task.status == running_status(beat.phase),
+                Task.executor_handle.is_not(None),
+            )
+            .values(heartbeat_at=now, lease_expires_at=now + timedelta(seconds=settings.lease_ttl))
+            .returning(
+                Task.cancel_requested_at,
+                Task.cancel_requested_by,
+                Task.cancel_force,
+                Task.phase_started_at,
+                Task.workspace_id,
+            )
         )
-        .values(heartbeat_at=now, lease_expires_at=now + timedelta(seconds=settings.lease_ttl))
-        .returning(
-            Task.cancel_requested_at,
-            Task.cancel_requested_by,
-            Task.cancel_force,
-            Task.phase_started_at,
-            Task.workspace_id,
-        )
-        .execution_options(synchronize_session=False)
-    ).one_or_none()
+        .one_or_none()
+    )
     if row is None:
         return Reply.stale("the phase is no longer this executor's (re-claimed or ended)")
     if row.cancel_requested_at is not None:

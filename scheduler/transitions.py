@@ -121,13 +121,7 @@ def transition(
     conditions = [Task.id == task_id, Task.status == current, Task.fence == seen.fence]
     if guard is not None:
         conditions.append(guard)
-    stmt = (
-        update(Task)
-        .where(*conditions)
-        .values(**new_values)
-        .returning(Task.fence)
-        .execution_options(synchronize_session=False)
-    )
+    stmt = update(Task).where(*conditions).values(**new_values).returning(Task.fence)
     # Only a plan+apply entering the active set can hit the partial unique
     # index (a second active plan+apply in its workspace). A refused
     # statement aborts a PostgreSQL transaction, so that one UPDATE runs in
@@ -136,12 +130,16 @@ def transition(
     may_conflict = (
         task_type is TaskType.PLAN_AND_APPLY and current not in ACTIVE_APPLY and to in ACTIVE_APPLY
     )
+    # Core statements on the session's connection: the ORM's bulk-UPDATE
+    # path costs more Python than the round trip. Pending ORM changes are
+    # flushed first, as session.execute() would have.
+    session.flush()
     try:
         if may_conflict:
             with session.begin_nested():
-                new_fence_value = session.execute(stmt).scalar_one_or_none()
+                new_fence_value = session.connection().execute(stmt).scalar_one_or_none()
         else:
-            new_fence_value = session.execute(stmt).scalar_one_or_none()
+            new_fence_value = session.connection().execute(stmt).scalar_one_or_none()
     except IntegrityError as exc:
         raise ConcurrentChange(
             f"task {task_id}: another plan+apply is active in its workspace"
@@ -151,7 +149,7 @@ def transition(
 
     # A Core INSERT: the ORM's unit of work would add a flush and a
     # RETURNING for an id nobody reads.
-    session.execute(
+    session.connection().execute(
         insert(TaskEvent).values(
             task_id=task_id,
             from_status=current,

@@ -5,8 +5,9 @@ from __future__ import annotations
 import logging
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import event, func, select, update
 
 from executors.base import (
     Changes,
@@ -344,3 +345,25 @@ def current_handoff(rt: Runtime, task_id: int) -> Handoff:
             .where(Task.id == task_id)
         ).one()
         return leases.handoff_of(rt.settings, task, ws)
+
+
+def interfere_before_claim(rt: Runtime, task_id: int, change: str) -> list[int]:
+    """Just before ``rt``'s next UPDATE of the tasks table reaches the
+    database, run ``UPDATE tasks SET <change> WHERE id = task_id`` on the
+    same connection, in the same transaction: as if another actor committed
+    it between the caller's read and its conditional UPDATE. Returns a list
+    that gets ``task_id`` once it has fired (it fires once)."""
+    fired: list[int] = []
+
+    def before(conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        if fired or not statement.lstrip().upper().startswith("UPDATE TASKS"):
+            return
+        fired.append(task_id)
+        cursor = conn.connection.dbapi_connection.cursor()
+        try:
+            cursor.execute(f"UPDATE tasks SET {change} WHERE id = {int(task_id)}")
+        finally:
+            cursor.close()
+
+    event.listen(rt.engine, "before_cursor_execute", before)
+    return fired

@@ -10,15 +10,12 @@ from pathlib import Path
 
 import pytest
 from redis import Redis
-from sqlalchemy import event, text
-from sqlalchemy.orm import ORMExecuteState
 
 from executors import remote
 from executors.base import Handoff, PhaseResult
 from executors.fake import FakeLauncher
 from scheduler import dispatcher, pools, reconciler, tasks, workspaces
 from scheduler.locks import dirty_key, lock_key
-from scheduler.models import Task
 from scheduler.runtime import Runtime
 from scheduler.states import DispatchMode, ExecutionMode, Phase, TaskStatus, TaskType
 from tests.integration.helpers import (
@@ -33,6 +30,7 @@ from tests.integration.helpers import (
     fence,
     finish,
     handoffs,
+    interfere_before_claim,
     last_handoff,
     make_workspace,
     recorder,
@@ -576,19 +574,7 @@ def test_hand_off_after_the_task_moved_on_changes_nothing(rt: Runtime, ws: str) 
 def _move_before_transition_reads(rt: Runtime, task_id: int, to: TaskStatus) -> list[int]:
     """Arrange for ``task_id`` to be moved to ``to`` (as by another actor)
     after the dispatcher read it, just before its claim's conditional UPDATE."""
-    fired: list[int] = []
-
-    @event.listens_for(rt.sessions, "do_orm_execute")
-    def _interloper(state: ORMExecuteState) -> None:
-        mapper = state.bind_mapper
-        if state.is_update and mapper is not None and mapper.class_ is Task and not fired:
-            fired.append(task_id)
-            state.session.connection().execute(
-                text("UPDATE tasks SET status = :to, fence = fence + 1 WHERE id = :id"),
-                {"to": str(to), "id": task_id},
-            )
-
-    return fired
+    return interfere_before_claim(rt, task_id, f"status = '{to}', fence = fence + 1")
 
 
 def test_claim_plan_of_a_task_claimed_meanwhile_is_a_lost_race(rt: Runtime, ws: str) -> None:

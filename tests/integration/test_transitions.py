@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from sqlalchemy import event, func, select, text
-from sqlalchemy.orm import ORMExecuteState, Session
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
 
 from scheduler import tasks
 from scheduler.errors import ConcurrentChange, IllegalTransition, StaleFence, TaskNotFound
@@ -14,7 +14,7 @@ from scheduler.models import Task, TaskEvent
 from scheduler.runtime import Runtime
 from scheduler.states import ACTIVE_APPLY, TaskStatus, TaskType
 from scheduler.transitions import transition
-from tests.integration.helpers import chain, counts, fence, snapshot, status
+from tests.integration.helpers import chain, counts, fence, interfere_before_claim, snapshot, status
 
 S = TaskStatus
 
@@ -127,22 +127,13 @@ def test_compare_and_set_refuses_a_row_changed_after_it_was_read(rt: Runtime, ws
     the conditional UPDATE matches no row, ConcurrentChange, no event written."""
     t = tasks.submit(rt, ws, TaskType.PLAN)
     with rt.sessions() as s:
-        interfered: list[int] = []
-
-        @event.listens_for(s, "do_orm_execute")
-        def _interloper(state: ORMExecuteState) -> None:
-            if state.is_update and not interfered:
-                interfered.append(1)
-                # Another claimer won in between: same status, new fence.
-                state.session.connection().execute(
-                    text("UPDATE tasks SET fence = fence + 7 WHERE id = :id"), {"id": t.id}
-                )
-
+        # Another claimer won in between: same status, new fence.
+        interfered = interfere_before_claim(rt, t.id, "fence = fence + 7")
         with s.begin():
             with pytest.raises(ConcurrentChange) as info:
                 transition(s, t.id, S.PLANNING, actor="slow claimer")
             assert not isinstance(info.value, StaleFence)
-            assert interfered == [1]
+            assert interfered == [t.id]
             # The caller's transaction is still usable; only the interloper wrote.
             assert s.scalar(select(Task.fence).where(Task.id == t.id)) == 7
             assert s.scalar(select(Task.status).where(Task.id == t.id)) == S.PENDING
