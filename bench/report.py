@@ -42,7 +42,9 @@ def summarize(raw: dict[str, Any]) -> tuple[Summary, list[Row]]:
     rows: list[Row] = []
 
     def put(key: str, **cols: list[float]) -> None:
-        s[key] = {k: v for k, v in cols.items() if v}
+        kept = {k: v for k, v in cols.items() if v}
+        if kept:
+            s[key] = kept
 
     if lat := raw.get("latency"):
         for q in (50, 99):
