@@ -12,6 +12,10 @@ from typing import Any
 COLORS = {"new": "#1f77b4", "legacy": "#ff7f0e", "celery": "#2ca02c", "base": "#2ca02c"}
 
 
+def _num(y: float) -> str:
+    return f"{y:.0f}" if y >= 100 else f"{y:.3g}"
+
+
 def _med(values: list[float] | None) -> float:
     return statistics.median(values) if values else 0.0
 
@@ -39,7 +43,7 @@ def draw(summary: dict[str, dict[str, list[float]]], raw: dict[str, Any], path: 
             ax.bar(xs, ys, width, label=name, color=COLORS.get(col))
             for x, y in zip(xs, ys, strict=True):
                 if y:
-                    ax.annotate(f"{y:.3g}", (x, y), ha="center", va="bottom", fontsize=7)
+                    ax.annotate(_num(y), (x, y), ha="center", va="bottom", fontsize=7)
         ax.set_xticks([i + width * (len(cols) - 1) / 2 for i in range(len(present))])
         ax.set_xticklabels([lbl for _, lbl in present])
         ax.set_title(title)
@@ -60,6 +64,7 @@ def draw(summary: dict[str, dict[str, list[float]]], raw: dict[str, Any], path: 
                     ys.append(_med(values))
             tput.plot(xs, ys, marker="o", label=name, color=COLORS[col])
         tput.set_xlabel("worker processes")
+        tput.set_xticks(sorted({_processes(s) for s in shapes}))
         tput.set_yscale("log")
         tput.legend(fontsize=8)
     else:
@@ -78,6 +83,8 @@ def draw(summary: dict[str, dict[str, list[float]]], raw: dict[str, Any], path: 
         systems[:2],
         "hand-off gap applied → next planning, ms",
     )
+    if any(k in summary for k in ("gap1_gap_p50", "serial_gap_p50")):
+        gap.set_yscale("log")
     _inflight(inf, summary)
     fig.suptitle("runq scheduler overhead (medians over repetitions)")
     fig.tight_layout()
@@ -97,7 +104,7 @@ def _inflight(inf: Any, summary: dict[str, dict[str, list[float]]]) -> None:
         ys = [_med(col.get(k)) for k in ("base", "new", "base_legacy", "legacy")]
         inf.bar(labels, ys, color=[COLORS["new"]] * 2 + [COLORS["legacy"]] * 2)
         for i, y in enumerate(ys):
-            inf.annotate(f"{y:.3g}", (i, y), ha="center", va="bottom", fontsize=7)
+            inf.annotate(_num(y), (i, y), ha="center", va="bottom", fontsize=7)
         if all(y > 0 for y in ys):
             inf.set_yscale("log")
     else:

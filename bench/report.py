@@ -242,16 +242,19 @@ def table(summary: Summary, rows: list[Row], note: str) -> str:
     return "\n".join(lines) + "\n\n" + note
 
 
-def write(results: Path, stamp: str, record: dict[str, Any], text: str) -> list[Path]:
+def write(
+    results: Path, stamp: str, record: dict[str, Any], text: str, latest: str = "latest"
+) -> list[Path]:
+    """``<stamp>.json/.md/.png``, the last two copied to ``<latest>.md/.png``."""
     results.mkdir(exist_ok=True)
     out = [results / f"{stamp}.json", results / f"{stamp}.md"]
     out[0].write_text(json.dumps(record, indent=2, default=str) + "\n")
     out[1].write_text(text + "\n")
-    shutil.copyfile(out[1], results / "latest.md")
+    shutil.copyfile(out[1], results / f"{latest}.md")
     from bench.chart import draw
 
     png = results / f"{stamp}.png"
     draw(record["summary"], record["raw"], png)
-    shutil.copyfile(png, results / "latest.png")
+    shutil.copyfile(png, results / f"{latest}.png")
     out.append(png)
     return out

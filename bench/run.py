@@ -219,6 +219,38 @@ def measure(bench: Bench) -> tuple[dict[str, Any], dict[str, float]]:
     return raw, spent
 
 
+def describe(args: argparse.Namespace, host: dict[str, Any], seconds: float) -> str:
+    """The table's footnote: how it was measured, on what, in how long."""
+    parts = [
+        f"Medians of {args.reps} repetitions (min-max); ratios per repetition. Main pool "
+        f"{args.shape} (workers x processes each), the same worker flags for every system; "
+        "fake executor with 0 s phases."
+    ]
+    if "plans" in args.groups:
+        parts.append(f"{args.samples} latency samples per repetition, one plan at a time.")
+    if "gap" in args.groups:
+        parts.append(f"One-workspace gap: {args.gap_tasks} queued auto-apply plan+applies.")
+    if "serial" in args.groups:
+        parts.append(
+            f"Claims/s and busy gap: {args.serial_workspaces} workspaces x "
+            f"{args.serial_tasks} plan+applies; floor loop with as many processes."
+        )
+    if "inflight" in args.groups:
+        parts.append(
+            f"In flight: {args.inflight_workspaces} applies of {args.inflight_apply_seconds:g} s "
+            f"on {args.inflight_shape} workers, {args.inflight_cycles} bursts per repetition."
+        )
+    if {"scale", "reconcile"} & set(args.groups):
+        parts.append("Scale and reconciler backlogs are bulk-loaded, then ANALYZEd.")
+    parts.append(
+        f"Host: {host['cpus']} CPUs, Python {host['python']}, PostgreSQL {host['postgresql']}, "
+        f"Redis {host['redis']}; load average (1 min) {host['loadavg_at_start'][0]:.2f} at "
+        f"start, {host['loadavg_at_end'][0]:.2f} at end (other work on the machine shows "
+        f"here). Took {seconds:.0f} s ({', '.join(args.groups)})."
+    )
+    return " ".join(parts)
+
+
 def _interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
@@ -238,19 +270,7 @@ def main(argv: list[str] | None = None) -> None:
     seconds = timed(started)
     raw["args"] = {k: v for k, v in vars(args).items()}
     summary, rows = report.summarize(raw)
-    note = (
-        f"Medians of {args.reps} repetitions (min-max); ratios per repetition. Workers "
-        f"{args.shape} (workers x processes), fake executor with 0 s phases (in-flight figure: "
-        f"applies of {args.inflight_apply_seconds:g} s on {args.inflight_shape}), "
-        f"{args.samples} latency samples per repetition. Gaps: one workspace with "
-        f"{args.gap_tasks} queued auto-apply plan+applies; {args.serial_workspaces} workspaces "
-        f"with {args.serial_tasks} each. Scale and reconciler backlogs are bulk-loaded, then "
-        f"ANALYZEd. Host: {host['cpus']} CPUs, Python {host['python']}, PostgreSQL "
-        f"{host['postgresql']}, Redis {host['redis']}; load average (1 min) "
-        f"{host['loadavg_at_start'][0]:.2f} at start, {host['loadavg_at_end'][0]:.2f} at end "
-        f"(other work on the machine shows here). Took {seconds:.0f} s "
-        f"({args.groups})."
-    )
+    note = describe(args, host, seconds)
     text = report.table(summary, rows, note)
     print(text)
     record = {
@@ -263,7 +283,9 @@ def main(argv: list[str] | None = None) -> None:
         "raw": raw,
         "table": text,
     }
-    for path in report.write(RESULTS, stamp, record, text):
+    # latest.md/.png (what the README shows) come from full runs only.
+    latest = "latest-quick" if args.quick or args.only else "latest"
+    for path in report.write(RESULTS, stamp, record, text, latest):
         print(f"wrote {path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path}")
     print(f"total {seconds:.0f} s", file=sys.stderr)
 
