@@ -257,7 +257,10 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
+    # Clean up on SIGTERM as on Ctrl-C; and take SIGINT even where the shell
+    # that started us ignores it (a background job of a script).
     signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     started = time.monotonic()
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     with ExitStack() as stack:
