@@ -1,284 +1,296 @@
-"""runq's scheduler overhead against bare Celery, on this machine (issue 7).
+"""runq's scheduler overhead against bare Celery and a minimal claim loop,
+on this machine (issue 7): ``python -m bench.run [--quick]``.
 
 Real ``celery worker`` processes (:class:`tests.workers.WorkerPool`) on a
-private ``redis-server`` and a fresh PostgreSQL database, running phases with
-the fake executor (``RUNQ_EXECUTOR=fake``, phases of 0 s), so what is measured
-is the scheduler, not Terraform. Three systems, each with the same worker
-flags: runq's default mode (``new``), ``RUNQ_DISPATCH_MODE=legacy``, and bare
-Celery (:mod:`bench.bare`). Each repetition starts every system's workers in
-turn (the order rotates from one repetition to the next) and measures:
+private ``redis-server`` and fresh PostgreSQL databases, phases run by the
+fake executor (``RUNQ_EXECUTOR=fake``, 0 s unless said), so what is
+measured is the scheduler, not Terraform. Systems: runq ``new`` (default
+``RUNQ_DISPATCH_MODE``), ``legacy``, and bare Celery (:mod:`bench.bare`),
+with the same worker flags, in one invocation, the order rotating from one
+repetition to the next. Figures, by module:
 
-* plan start latency: submit -> the executor's Started (``tasks.
-  phase_started_at``), one plan at a time; bare Celery: ``apply_async`` -> the
-  no-op task's start;
-* throughput: N plans submitted (round robin over W workspaces) -> all
-  finished (``tasks.finished_at``); bare Celery: N no-ops -> the last start.
+* :mod:`bench.figures.plans`: plan start latency p50/p99 and plan
+  throughput, per pool shape (processes 1, 2, 4);
+* :mod:`bench.figures.serial`: serialized plan+apply claims/s over 100
+  workspaces (against :mod:`bench.floor`), and the hand-off gap, with one
+  workspace and with 100 busy ones;
+* :mod:`bench.figures.inflight`: plan start with slow plan+applies in flight;
+* :mod:`bench.figures.scale`: one dispatch / plan claim at 100k queued vs 1k;
+* :mod:`bench.figures.reconcile`: one reconciler sweep over a 50k backlog.
 
-Prints a markdown table (medians over repetitions, with min-max, and the
-ratios to bare Celery) and writes ``bench/results/<timestamp>.json``.
+Prints the table (:mod:`bench.report`) and writes ``bench/results/<UTC
+timestamp>.json`` (raw samples, args, host, seconds), ``.md`` and ``.png``,
+copied to ``latest.md`` / ``latest.png``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import statistics
+import os
+import signal
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from contextlib import ExitStack
 from datetime import UTC, datetime
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
-from redis import Redis
-from sqlalchemy import func, select
-
-from celery_app.runtime import build_runtime, private_app
-from scheduler import tasks, workspaces
-from scheduler.api import wait
-from scheduler.models import Task
-from scheduler.settings import ExecutorKind, Settings
-from scheduler.states import DispatchMode, TaskStatus, TaskType
-from tests.conftest import create_database, drop_database
-from tests.workers import RedisServer, WorkerPool
+from bench import floor, report
+from bench.figures import inflight, plans, reconcile, scale, serial
+from bench.harness import RUNQ, SYSTEMS, Bench, Shape, host_info, log, pg_url, rotate, timed
+from scheduler.states import DispatchMode
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SYSTEMS = ("new", "legacy", "celery")
+GROUPS = ("plans", "shapes", "gap", "serial", "inflight", "scale", "reconcile")
+QUICK_GROUPS = ("plans", "gap", "reconcile")
 
 
-@dataclass
-class BareWorkerPool(WorkerPool):
-    """Workers of :mod:`bench.bare`, with every flag runq's workers get."""
-
-    def argv(self, name: str) -> list[str]:
-        argv = super().argv(name)
-        argv[argv.index("celery_app")] = "bench.bare"
-        return argv
+def shape_of(text: str) -> Shape:
+    w, c = text.split("x")
+    return Shape(int(w), int(c))
 
 
-@dataclass
-class Bench:
-    args: argparse.Namespace
-    root: Path
-    redis: RedisServer
-    database_url: str
-
-    def settings(self, mode: DispatchMode) -> Settings:
-        return Settings(
-            database_url=self.database_url,
-            redis_url=self.redis.url,
-            data_dir=self.root / "client",
-            dispatch_mode=mode,
-            executor=ExecutorKind.FAKE,
-        )
-
-    def env(self, mode: DispatchMode) -> dict[str, str]:
-        return {
-            "RUNQ_DATABASE_URL": self.database_url,
-            "RUNQ_REDIS_URL": self.redis.url,
-            "RUNQ_DATA_DIR": str(self.root / "workers"),
-            "RUNQ_DISPATCH_MODE": str(mode),
-            "RUNQ_EXECUTOR": "fake",
-            "RUNQ_FAKE_PLAN_SECONDS": "0",
-            "RUNQ_FAKE_APPLY_SECONDS": "0",
-        }
-
-    @contextmanager
-    def workers(self, system: str) -> Iterator[None]:
-        flush = Redis.from_url(self.redis.url)
-        flush.flushdb()
-        flush.close()
-        mode = DispatchMode.NEW if system == "celery" else DispatchMode(system)
-        kind = BareWorkerPool if system == "celery" else WorkerPool
-        pool = kind(
-            self.args.workers,
-            self.env(mode),
-            self.root / "logs" / system,
-            concurrency=self.args.concurrency,
-        )
-        pool.start()
-        try:
-            yield
-        finally:
-            pool.stop()
-
-    def run_runq(self, mode: DispatchMode, rep: int) -> dict[str, Any]:
-        settings = self.settings(mode)
-        app = private_app(settings, f"bench-{mode}")
-        rt = build_runtime(app, settings, actor="bench")
-        src = self.root / "src"
-        src.mkdir(exist_ok=True)
-        names = [f"{mode}-{rep}-{i}" for i in range(self.args.workspaces)]
-        try:
-            for name in names:
-                workspaces.create(rt, name, source_dir=str(src))
-
-            def one_plan() -> float:
-                began = time.time()
-                task = tasks.submit(rt, names[0], TaskType.PLAN)
-                [done] = wait(rt, [task.id], timeout=60, poll=0.01)
-                assert done.status is TaskStatus.SUCCESS, done
-                assert done.phase_started_at is not None
-                return done.phase_started_at.timestamp() - began
-
-            latencies = self.latencies(one_plan)
-            began = time.time()
-            ids = [
-                tasks.submit(rt, names[i % len(names)], TaskType.PLAN).id
-                for i in range(self.args.plans)
-            ]
-            views = wait(rt, ids, timeout=600, poll=0.1)
-            assert all(v.status is TaskStatus.SUCCESS for v in views)
-            with rt.sessions() as s:
-                last = s.scalar(select(func.max(Task.finished_at)).where(Task.id.in_(ids)))
-            assert last is not None
-            return {"latency_ms": latencies, "per_s": self.args.plans / (last.timestamp() - began)}
-        finally:
-            rt.close()
-            app.close()
-
-    def run_celery(self) -> dict[str, Any]:
-        from bench.bare import STARTED
-
-        settings = self.settings(DispatchMode.NEW)
-        app = private_app(settings, "bench-client")
-        redis = Redis.from_url(self.redis.url)
-        try:
-
-            def one_task() -> float:
-                redis.delete(STARTED)
-                began = time.time()
-                app.send_task("bench.noop")
-                while not (got := redis.lrange(STARTED, 0, -1)):
-                    time.sleep(0.002)
-                return float(got[0]) - began
-
-            latencies = self.latencies(one_task)
-            redis.delete(STARTED)
-            began = time.time()
-            for _ in range(self.args.plans):
-                app.send_task("bench.noop")
-            deadline = time.monotonic() + 600
-            while redis.llen(STARTED) < self.args.plans:
-                assert time.monotonic() < deadline, "bare Celery did not drain"
-                time.sleep(0.05)
-            last = max(float(t) for t in redis.lrange(STARTED, 0, -1))
-            return {"latency_ms": latencies, "per_s": self.args.plans / (last - began)}
-        finally:
-            redis.close()
-            app.close()
-
-    def latencies(self, one: Callable[[], float]) -> list[float]:
-        for _ in range(self.args.warmup):
-            one()
-        return [1000 * one() for _ in range(self.args.samples)]
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="the make bench-quick subset")
+    p.add_argument("--only", help=f"comma-separated figure groups: {', '.join(GROUPS)}")
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--shape", default="2x2", help="main pool: workers x processes each")
+    p.add_argument("--shapes", default="1x1,1x2", help="more throughput pool shapes")
+    p.add_argument("--samples", type=int, help="latency samples per rep (100; quick 30)")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--plans", type=int, help="plans in the main throughput run (1000; quick 300)")
+    p.add_argument("--shape-plans", type=int, default=250, help="plans at the other shapes")
+    p.add_argument("--workspaces", type=int, default=10, help="throughput plans spread")
+    p.add_argument("--serial-workspaces", type=int, default=100)
+    p.add_argument("--serial-tasks", type=int, default=5, help="plan+applies per workspace")
+    p.add_argument("--gap-tasks", type=int, help="queued in the one-workspace gap (50; quick 20)")
+    p.add_argument("--inflight-shape", default="2x6")
+    p.add_argument("--inflight-workspaces", type=int, default=10)
+    p.add_argument("--inflight-cycles", type=int, default=2)
+    p.add_argument("--inflight-apply-seconds", type=float, default=4.0)
+    p.add_argument("--scale-small", default="100x10", help="workspaces x tasks")
+    p.add_argument("--scale-large", default="10000x10", help="workspaces x tasks")
+    p.add_argument("--scale-samples", type=int, default=30)
+    p.add_argument("--backlog", type=int, help="reconciler backlog (50000; quick 5000)")
+    args = p.parse_args(argv)
+    quick = args.quick
+    args.samples = args.samples or (30 if quick else 100)
+    args.plans = args.plans or (300 if quick else 1000)
+    args.gap_tasks = args.gap_tasks or (20 if quick else 50)
+    args.backlog = args.backlog or (5000 if quick else 50000)
+    args.groups = args.only.split(",") if args.only else list(QUICK_GROUPS if quick else GROUPS)
+    unknown = set(args.groups) - set(GROUPS)
+    if unknown:
+        p.error(f"unknown figure groups: {', '.join(sorted(unknown))}")
+    args.plans_at = {args.shape: args.plans}
+    if "shapes" in args.groups:
+        args.plans_at |= {s: args.shape_plans for s in args.shapes.split(",")}
+    return args
 
 
-def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, list[float]]]:
-    """Per system: each repetition's p50 latency (ms) and throughput (per s)."""
-    return {
-        system: {
-            "latency_p50_ms": [statistics.median(r["latency_ms"]) for r in reps],
-            "throughput_per_s": [r["per_s"] for r in reps],
-        }
-        for system, reps in runs.items()
+def main_pool(bench: Bench, raw: dict[str, Any], rep: int) -> None:
+    """Everything measured on the main pool shape, system by system."""
+    args, groups = bench.args, bench.args.groups
+    shape = shape_of(args.shape)
+    for system in rotate(SYSTEMS, rep):
+        if system == "celery" and "plans" not in groups:
+            continue
+        with bench.workers(system, shape):
+            if system == "celery":
+                client = plans.BareClient(bench)
+                try:
+                    raw["latency"][system].append(client.latency(args.samples, args.warmup))
+                    tput = client.throughput(args.plans)
+                finally:
+                    client.close()
+                raw["throughput"][shape.label][system].append(tput)
+                log(f"rep {rep + 1} {system:>6} {shape.label}: {tput:.0f}/s")
+                continue
+            with bench.runtime(DispatchMode(system)) as rt:
+                if "plans" in groups:
+                    lat = plans.runq_latency(bench, rt, args.samples, args.warmup)
+                    raw["latency"][system].append(lat)
+                    tput = plans.runq_throughput(bench, rt, args.plans, args.workspaces)
+                    raw["throughput"][shape.label][system].append(tput)
+                    log(f"rep {rep + 1} {system:>6} {shape.label}: {tput:.0f}/s")
+                if "gap" in groups:
+                    raw["gap1"][system].append(serial.run(bench, rt, 1, args.gap_tasks))
+                if "serial" in groups:
+                    got = serial.run(bench, rt, args.serial_workspaces, args.serial_tasks)
+                    raw["serial"][system].append(got)
+                    log(f"rep {rep + 1} {system:>6} serial: {got['claims_per_s']:.0f} claims/s")
+
+
+def other_shapes(bench: Bench, raw: dict[str, Any], rep: int) -> None:
+    args = bench.args
+    for shape in map(shape_of, args.shapes.split(",")):
+        for system in rotate(SYSTEMS, rep):
+            with bench.workers(system, shape):
+                if system == "celery":
+                    client = plans.BareClient(bench)
+                    try:
+                        tput = client.throughput(args.shape_plans)
+                    finally:
+                        client.close()
+                else:
+                    with bench.runtime(DispatchMode(system)) as rt:
+                        tput = plans.runq_throughput(bench, rt, args.shape_plans, args.workspaces)
+            raw["throughput"][shape.label][system].append(tput)
+            log(f"rep {rep + 1} {system:>6} {shape.label}: {tput:.0f}/s")
+
+
+def in_flight(bench: Bench, raw: dict[str, Any], rep: int) -> None:
+    args = bench.args
+    extra = {"RUNQ_FAKE_APPLY_SECONDS": str(args.inflight_apply_seconds)}
+    for system in rotate(RUNQ, rep):
+        with (
+            bench.workers(system, shape_of(args.inflight_shape), extra),
+            bench.runtime(DispatchMode(system)) as rt,
+        ):
+            got = inflight.run(
+                bench,
+                rt,
+                args.inflight_workspaces,
+                args.inflight_cycles,
+                args.inflight_apply_seconds,
+            )
+        raw["inflight"][system].append(got)
+
+
+def measure(bench: Bench) -> tuple[dict[str, Any], dict[str, float]]:
+    args = bench.args
+    raw: dict[str, Any] = {
+        "latency": {s: [] for s in SYSTEMS},
+        "throughput": {shape: {s: [] for s in SYSTEMS} for shape in args.plans_at},
+        "gap1": {s: [] for s in RUNQ},
+        "serial": {s: [] for s in RUNQ},
+        "floor": [],
+        "inflight": {s: [] for s in RUNQ},
     }
+    spent: dict[str, float] = {}
+
+    def clock(name: str, began: float) -> None:
+        spent[name] = spent.get(name, 0.0) + time.monotonic() - began
+
+    for rep in range(args.reps):
+        began = time.monotonic()
+        if {"plans", "gap", "serial"} & set(args.groups):
+            main_pool(bench, raw, rep)
+        clock("main pool", began)
+        if "serial" in args.groups:
+            began = time.monotonic()
+            processes = shape_of(args.shape).processes
+            per_s = floor.run(
+                pg_url(bench.database_url),
+                bench.redis.url,
+                processes,
+                args.serial_workspaces,
+                2 * args.serial_tasks,
+            )
+            raw["floor"].append(per_s)
+            log(f"rep {rep + 1}  floor: {per_s:.0f} claims/s")
+            clock("floor", began)
+        if "shapes" in args.groups:
+            began = time.monotonic()
+            other_shapes(bench, raw, rep)
+            clock("shapes", began)
+        if "inflight" in args.groups:
+            began = time.monotonic()
+            in_flight(bench, raw, rep)
+            clock("inflight", began)
+    if "scale" in args.groups:
+        began = time.monotonic()
+        sizes = {
+            label: (int(w), int(k))
+            for label, (w, k) in (
+                ("small", args.scale_small.split("x")),
+                ("large", args.scale_large.split("x")),
+            )
+        }
+        raw["scale"] = scale.run(bench, sizes, args.reps, args.scale_samples)
+        clock("scale", began)
+    if "reconcile" in args.groups:
+        began = time.monotonic()
+        raw["reconcile"] = reconcile.run(bench, args.backlog, args.reps)
+        clock("reconcile", began)
+    return raw, spent
 
 
-def table(summary: dict[str, dict[str, list[float]]], args: argparse.Namespace) -> str:
-    def cell(values: list[float], fmt: str, unit: str = "") -> str:
-        low, mid, high = min(values), statistics.median(values), max(values)
-        return f"{mid:{fmt}}{unit} ({low:{fmt}}-{high:{fmt}})"
-
-    def ratios(key: str, system: str) -> str:
-        mine, base = summary[system][key], summary["celery"][key]
-        return cell([a / b for a, b in zip(mine, base, strict=True)], ".2f", "x")
-
-    rows = [
-        ("plan start latency p50, ms (submit → executor started)", "latency_p50_ms", ".1f"),
-        (f"throughput, per s ({args.plans} plans: submit → all done)", "throughput_per_s", ".0f"),
+def describe(args: argparse.Namespace, host: dict[str, Any], seconds: float) -> str:
+    """The table's footnote: how it was measured, on what, in how long."""
+    parts = [
+        f"Medians of {args.reps} repetitions (min-max); ratios per repetition. Main pool "
+        f"{args.shape} (workers x processes each), the same worker flags for every system; "
+        "fake executor with 0 s phases."
     ]
-    lines = [
-        "| figure | runq (new) | runq (legacy) | bare Celery | new ÷ Celery | legacy ÷ Celery |",
-        "|---|---|---|---|---|---|",
-    ]
-    for label, key, fmt in rows:
-        values = [cell(summary[s][key], fmt) for s in SYSTEMS]
-        lines.append(
-            f"| {label} | {' | '.join(values)} | {ratios(key, 'new')} | {ratios(key, 'legacy')} |"
+    if "plans" in args.groups:
+        parts.append(f"{args.samples} latency samples per repetition, one plan at a time.")
+    if "gap" in args.groups:
+        parts.append(f"One-workspace gap: {args.gap_tasks} queued auto-apply plan+applies.")
+    if "serial" in args.groups:
+        parts.append(
+            f"Claims/s and busy gap: {args.serial_workspaces} workspaces x "
+            f"{args.serial_tasks} plan+applies; floor loop with as many processes."
         )
-    lines.append(
-        f"\nMedians of {args.reps} repetitions (min-max); ratios per repetition. "
-        f"{args.workers} workers x {args.concurrency} processes, fake executor (0 s phases), "
-        f"{args.samples} latency samples per repetition, throughput plans over "
-        f"{args.workspaces} workspaces."
+    if "inflight" in args.groups:
+        parts.append(
+            f"In flight: {args.inflight_workspaces} applies of {args.inflight_apply_seconds:g} s "
+            f"on {args.inflight_shape} workers, {args.inflight_cycles} bursts per repetition."
+        )
+    if {"scale", "reconcile"} & set(args.groups):
+        parts.append("Scale and reconciler backlogs are bulk-loaded, then ANALYZEd.")
+    parts.append(
+        f"Host: {host['cpus']} CPUs, Python {host['python']}, PostgreSQL {host['postgresql']}, "
+        f"Redis {host['redis']}; load average (1 min) {host['loadavg_at_start'][0]:.2f} at "
+        f"start, {host['loadavg_at_end'][0]:.2f} at end (other work on the machine shows "
+        f"here). Took {seconds:.0f} s ({', '.join(args.groups)})."
     )
-    return "\n".join(lines)
+    return " ".join(parts)
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--concurrency", type=int, default=2)
-    parser.add_argument("--samples", type=int, default=30, help="latency samples per repetition")
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--plans", type=int, default=1000, help="plans in the throughput run")
-    parser.add_argument("--workspaces", type=int, default=10)
-    args = parser.parse_args(argv)
-
+    args = parse(argv)
+    # Clean up on SIGTERM as on Ctrl-C; and take SIGINT even where the shell
+    # that started us ignores it (a background job of a script).
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     started = time.monotonic()
-    runs: dict[str, list[dict[str, Any]]] = {s: [] for s in SYSTEMS}
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     with ExitStack() as stack:
         root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="runq-bench-")))
-        redis = RedisServer(root)
-        redis.start()
-        stack.callback(redis.stop)
-        name, url = create_database("runq_bench")
-        stack.callback(drop_database, name)
-        bench = Bench(args, root, redis, url)
-        for rep in range(args.reps):
-            order = SYSTEMS[rep % 3 :] + SYSTEMS[: rep % 3]  # alternate who goes first
-            for system in order:
-                with bench.workers(system):
-                    if system == "celery":
-                        result = bench.run_celery()
-                    else:
-                        result = bench.run_runq(DispatchMode(system), rep)
-                runs[system].append(result)
-                print(
-                    f"rep {rep + 1} {system:>6}: p50 {statistics.median(result['latency_ms']):.1f}"
-                    f" ms, {result['per_s']:.0f}/s",
-                    file=sys.stderr,
-                    flush=True,
-                )
-    summary = summarize(runs)
-    text = table(summary, args)
+        bench = Bench.open(args, stack, root)
+        host = host_info(bench.redis.url)
+        raw, spent = measure(bench)
+        host["loadavg_at_end"] = os.getloadavg()
+        log("cleaning up: workers are stopped; dropping databases, stopping redis")
+    seconds = timed(started)
+    raw["args"] = {k: v for k, v in vars(args).items()}
+    summary, rows = report.summarize(raw)
+    note = describe(args, host, seconds)
+    text = report.table(summary, rows, note)
     print(text)
-    RESULTS.mkdir(exist_ok=True)
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    out = RESULTS / f"{stamp}.json"
     record = {
         "at": stamp,
-        "host": {"cpus": _cpus(), "python": platform.python_version()},
-        "args": vars(args),
-        "seconds": round(time.monotonic() - started, 1),
+        "host": host,
+        "args": raw["args"],
+        "seconds": seconds,
+        "seconds_by_part": {k: round(v, 1) for k, v in spent.items()},
         "summary": summary,
-        "runs": runs,
+        "raw": raw,
         "table": text,
     }
-    out.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"\nwrote {out.relative_to(Path.cwd()) if out.is_relative_to(Path.cwd()) else out}")
-
-
-def _cpus() -> int:
-    import os
-
-    return len(os.sched_getaffinity(0))
+    # latest.md/.png (what the README shows) come from full runs only.
+    latest = "latest-quick" if args.quick or args.only else "latest"
+    for path in report.write(RESULTS, stamp, record, text, latest):
+        print(f"wrote {path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path}")
+    print(f"total {seconds:.0f} s", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,1 @@
+"""One module per group of issue 7's figures; each measures, none reports."""
