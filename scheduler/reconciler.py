@@ -29,14 +29,14 @@ import logging
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 
-from sqlalchemy import and_, exists, func, or_, select, update
+from sqlalchemy import and_, case, exists, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, aliased
 
 from executors.base import Handoff
 from scheduler import k8s_jobs, leases, messages, pools
 from scheduler.errors import ConcurrentChange, IllegalTransition
-from scheduler.models import ServiceBeat, Task, Workspace, utcnow
+from scheduler.models import ServiceBeat, Task, UTCDateTime, Workspace, utcnow
 from scheduler.runtime import Runtime
 from scheduler.states import (
     ACTIVE_APPLY,
@@ -325,10 +325,7 @@ def _owed_plans(rt: Runtime, s: Session, cutoff: datetime) -> list[int]:
     pending = s.scalar(select(func.count()).select_from(Task).where(*is_plan)) or 0
     if not pending:
         return []
-    depth = 0
-    if isinstance(rt.publisher, messages.QueueDepths):
-        depth = rt.publisher.depth(messages.QUEUE_PLANS) or 0
-    owed = pending - depth
+    owed = pending - _depth(rt, messages.QUEUE_PLANS)
     if owed <= 0:
         return []
     return list(
@@ -339,15 +336,20 @@ def _owed_plans(rt: Runtime, s: Session, cutoff: datetime) -> list[int]:
 
 
 def _owed_dispatches(rt: Runtime, s: Session) -> list[str]:
-    """Workspaces whose next step could be taken now.
+    """Workspaces whose next step could be taken now, and whose wake-up is
+    in no queue.
 
     A workspace busy with an active plan+apply owes nothing however long its
     queue: its next step comes when the active one ends, whose commit wakes
     the dispatcher. Only a workspace with a claimable step (a confirmed
     apply, or a head of queue with nothing active) may have lost its
-    wake-up. At most one message per such workspace and sweep, and a
-    duplicate finds the step taken: so no age is waited for (an unlocked
-    workspace, say, goes at the next sweep).
+    wake-up. If ``c`` workspaces are claimable and the dispatch queue holds
+    ``d`` messages, the ``c - d`` that have waited longest are sent one.
+
+    The limit: should the dispatch queue hold at least ``c`` messages at
+    every sweep (submits outpacing the dispatchers), a lost wake-up waits
+    until it drains. Dispatching is a few milliseconds, so the queue drains
+    unless workers are missing, which ``runq status`` shows.
     """
     legacy = rt.settings.dispatch_mode is DispatchMode.LEGACY
     holders = ACTIVE_APPLY | RUNNING if legacy else ACTIVE_APPLY
@@ -360,8 +362,14 @@ def _owed_dispatches(rt: Runtime, s: Session) -> list[str]:
         *same_line,
     )
     head_waits = and_(t.status == TaskStatus.PENDING, ~held)
+    # Waiting since: a confirmed apply since its confirmation, a head since
+    # it was submitted.
+    since = func.min(
+        case((t.status == TaskStatus.APPLY_QUEUED, t.status_changed_at), else_=t.created_at),
+        type_=UTCDateTime(),
+    )
     query = (
-        select(Workspace.name)
+        select(Workspace.name, since)
         .join(t, t.workspace_id == Workspace.id)
         .where(
             or_(t.status == TaskStatus.APPLY_QUEUED, head_waits),
@@ -369,9 +377,19 @@ def _owed_dispatches(rt: Runtime, s: Session) -> list[str]:
             # A manual lock holds back plan+apply only; legacy plans still go.
             or_(Workspace.locked_by.is_(None), t.type == TaskType.PLAN),
         )
-        .distinct()
+        .group_by(Workspace.name)
     )
-    return sorted(s.scalars(query))
+    claimable = sorted(s.execute(query).all(), key=lambda row: (row[1], row[0]))
+    owed = len(claimable) - _depth(rt, messages.QUEUE_DISPATCH)
+    return sorted(name for name, _ in claimable[: max(owed, 0)])
+
+
+def _depth(rt: Runtime, queue: str) -> int:
+    """Messages waiting in ``queue``; 0 if the publisher cannot say (then
+    everything owed by the database is taken to be lost)."""
+    if isinstance(rt.publisher, messages.QueueDepths):
+        return rt.publisher.depth(queue) or 0
+    return 0
 
 
 def _record_beat(s: Session, now: datetime, out: Sweep) -> None:

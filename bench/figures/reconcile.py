@@ -45,6 +45,12 @@ class Forwarding:
         self.sent.append(message)
         return self.inner.publish(message)
 
+    def depth(self, queue: str) -> int | None:
+        """The real publisher's answer (the reconciler asks queue depths)."""
+        if isinstance(self.inner, messages.QueueDepths):
+            return self.inner.depth(queue)
+        return None
+
 
 def hints(rows: list[tuple[int, str, str]], mode: DispatchMode) -> list[Message]:
     """What ``tasks.submit`` publishes for these (id, type, workspace) rows."""

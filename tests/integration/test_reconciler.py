@@ -126,6 +126,7 @@ def test_a_backlog_still_queued_is_not_resent_only_lost_hints_are(
     def purge() -> None:
         with app.connection_for_write() as conn:
             conn.default_channel.queue_purge(messages.QUEUE_PLANS)
+            conn.default_channel.queue_purge(messages.QUEUE_DISPATCH)
 
     purge()
     try:
@@ -144,6 +145,19 @@ def test_a_backlog_still_queued_is_not_resent_only_lost_hints_are(
         # Now every pending plan has its hint queued: nothing more is owed.
         assert reconciler.sweep(broker).plans == []
         assert broker.publisher.depth(messages.QUEUE_PLANS) == 33
+
+        # Dispatches: four idle workspaces with a plan+apply each, the
+        # oldest of whose wake-up was lost; the others' are queued.
+        make_workspace(rt, "lost", tmp_path / "src")
+        old = tasks.submit(rt, "lost", PA)
+        _age(rt, old.id, 7200)
+        for name in ("a", "b", "c"):
+            make_workspace(rt, name, tmp_path / "src")
+            _age(rt, tasks.submit(broker, name, PA).id, 3600)
+        assert broker.publisher.depth(messages.QUEUE_DISPATCH) == 3
+        assert reconciler.sweep(broker).workspaces == ["lost"]
+        assert reconciler.sweep(broker).workspaces == []
+        assert broker.publisher.depth(messages.QUEUE_DISPATCH) == 4
     finally:
         purge()
         broker.close()
