@@ -74,6 +74,7 @@ def summarize(raw: dict[str, Any]) -> tuple[Summary, list[Row]]:
                 lambda r: r >= 0.6,
             )
         )
+    _floor_rows(raw, put, rows)
     if ser := raw.get("serial"):
         put(
             "claims",
@@ -182,6 +183,68 @@ def summarize(raw: dict[str, Any]) -> tuple[Summary, list[Row]]:
         )
         rows.append(Row("rec_seconds", "reconciler sweep, seconds (same backlog)", ".2f"))
     return s, rows
+
+
+Put = Callable[..., None]
+
+
+def _floor_rows(raw: dict[str, Any], put: Put, rows: list[Row]) -> None:
+    """runq against :mod:`bench.floor_plan`, and that floor against Celery:
+    what durability plus one hop costs, and what runq adds to it."""
+    lat = raw.get("latency")
+    fp = raw.get("floor_plan") or {}
+    if lat and fp.get("latency"):
+        p50 = _p(50)
+        floor_p50 = [p50(x) for x in fp["latency"]]
+        put(
+            "lat_floor",
+            new=[p50(x) for x in lat["new"]],
+            legacy=[p50(x) for x in lat["legacy"]],
+            base=floor_p50,
+        )
+        rows.append(
+            Row(
+                "lat_floor",
+                "plan start latency p50, ms, against the durable floor (bench/floor_plan.py: "
+                "INSERT+COMMIT, one hop, claim UPDATE+COMMIT in raw psycopg)",
+                ".1f",
+            )
+        )
+        put("floor_lat", new=floor_p50, base=[p50(x) for x in lat["celery"]])
+        rows.append(
+            Row(
+                "floor_lat",
+                "the durable floor itself (first column; not runq): plan start p50, ms, "
+                "against bare Celery",
+                ".1f",
+            )
+        )
+    if fp.get("throughput"):
+        main = raw["args"]["shape"]
+        by = raw["throughput"][main]
+        put(
+            "tput_floor",
+            new=list(by["new"]),
+            legacy=list(by["legacy"]),
+            base=list(fp["throughput"]),
+        )
+        rows.append(
+            Row(
+                "tput_floor",
+                f"plan throughput, per s ({main}), against the durable floor (claim and "
+                "finish, each UPDATE+COMMIT)",
+                ".0f",
+            )
+        )
+        put("floor_tput", new=list(fp["throughput"]), base=list(by["celery"]))
+        rows.append(
+            Row(
+                "floor_tput",
+                f"the durable floor itself (first column; not runq): plan throughput, per s "
+                f"({main}), against bare Celery",
+                ".0f",
+            )
+        )
 
 
 def _at_most(limit: float) -> Callable[[float], bool]:

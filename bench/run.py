@@ -104,10 +104,16 @@ def main_pool(bench: Bench, raw: dict[str, Any], rep: int) -> None:
                 try:
                     raw["latency"][system].append(client.latency(args.samples, args.warmup))
                     tput = client.throughput(args.plans)
+                    raw["floor_plan"]["latency"].append(
+                        client.floor_latency(args.samples, args.warmup)
+                    )
+                    floor_tput = client.floor_throughput(args.plans)
+                    raw["floor_plan"]["throughput"].append(floor_tput)
                 finally:
                     client.close()
                 raw["throughput"][shape.label][system].append(tput)
                 log(f"rep {rep + 1} {system:>6} {shape.label}: {tput:.0f}/s")
+                log(f"rep {rep + 1}  floor {shape.label}: {floor_tput:.0f} plans/s")
                 continue
             with bench.runtime(DispatchMode(system)) as rt:
                 if "plans" in groups:
@@ -168,6 +174,7 @@ def measure(bench: Bench) -> tuple[dict[str, Any], dict[str, float]]:
         "gap1": {s: [] for s in RUNQ},
         "serial": {s: [] for s in RUNQ},
         "floor": [],
+        "floor_plan": {"latency": [], "throughput": []},
         "inflight": {s: [] for s in RUNQ},
     }
     spent: dict[str, float] = {}

@@ -17,8 +17,9 @@ from collections.abc import Callable
 from redis import Redis
 from sqlalchemy import func, select
 
+from bench import floor_plan
 from bench.bare import STARTED
-from bench.harness import Bench
+from bench.harness import Bench, pg_url
 from celery_app.runtime import private_app
 from scheduler import tasks, workspaces
 from scheduler.api import wait
@@ -64,15 +65,24 @@ def runq_throughput(bench: Bench, rt: Runtime, plans: int, spread: int) -> float
 
 
 class BareClient:
-    """Sends the no-op on runq's Celery configuration and reads its starts."""
+    """Sends the no-op on runq's Celery configuration and reads its starts;
+    and, on the same workers, :mod:`bench.floor_plan`'s durable plans."""
 
     def __init__(self, bench: Bench) -> None:
         self.app = private_app(bench.settings(DispatchMode.NEW), "bench-client")
         self.redis = Redis.from_url(bench.redis.url)
+        self.floor = floor_plan.Client(pg_url(bench.database_url), self.app)
 
     def close(self) -> None:
+        self.floor.close()
         self.redis.close()
         self.app.close()
+
+    def floor_latency(self, n: int, warmup: int) -> list[float]:
+        return samples(self.floor.latency, n, warmup)
+
+    def floor_throughput(self, n: int) -> float:
+        return self.floor.throughput(n)
 
     def latency(self, n: int, warmup: int) -> list[float]:
         def one_task() -> float:
