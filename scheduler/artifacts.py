@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, defer
 
@@ -40,13 +40,27 @@ from scheduler.states import TaskStatus, phase_of
 log = logging.getLogger(__name__)
 
 
+#: Built once, as the hot paths' other reads (see models.task_and_workspace).
+_LATEST = (
+    select(StateVersion)
+    .where(StateVersion.workspace_id == bindparam("workspace_id"))
+    .order_by(StateVersion.id.desc())
+    .limit(1)
+)
+_CONFIG_BY_DIGEST = (
+    select(ConfigurationVersion)
+    # Not the content (up to RUNQ_MAX_CONFIG_BYTES): a submit needs only the
+    # id, and an executor that reads it loads it then.
+    .options(defer(ConfigurationVersion.content))
+    .where(
+        ConfigurationVersion.workspace_id == bindparam("workspace_id"),
+        ConfigurationVersion.sha256 == bindparam("sha256"),
+    )
+)
+
+
 def latest(session: Session, workspace_id: int) -> StateVersion | None:
-    return session.scalars(
-        select(StateVersion)
-        .where(StateVersion.workspace_id == workspace_id)
-        .order_by(StateVersion.id.desc())
-        .limit(1)
-    ).first()
+    return session.scalars(_LATEST, {"workspace_id": workspace_id}).first()
 
 
 @dataclass(frozen=True)
@@ -196,15 +210,8 @@ def store_config(session: Session, workspace_id: int, content: bytes) -> Configu
     digest = archive.sha256(content)
 
     def find() -> ConfigurationVersion | None:
-        # Not the content (up to RUNQ_MAX_CONFIG_BYTES): a submit needs only
-        # the id, and an executor that reads it loads it then.
         return session.scalars(
-            select(ConfigurationVersion)
-            .options(defer(ConfigurationVersion.content))
-            .where(
-                ConfigurationVersion.workspace_id == workspace_id,
-                ConfigurationVersion.sha256 == digest,
-            )
+            _CONFIG_BY_DIGEST, {"workspace_id": workspace_id, "sha256": digest}
         ).first()
 
     found = find()

@@ -36,7 +36,7 @@ from executors.base import Bundle, Handoff
 from scheduler import bundles, leases
 from scheduler.errors import ConcurrentChange
 from scheduler.locks import workspace_lock
-from scheduler.models import Task, Workspace, utcnow
+from scheduler.models import Task, Workspace, task_and_workspace, utcnow
 from scheduler.runtime import Runtime
 from scheduler.states import (
     ACTIVE_APPLY,
@@ -156,11 +156,7 @@ def claim_plan(rt: Runtime, task_id: int, *, start_as: str | None = None) -> Dec
     bundle: Bundle | None = None
     unrunnable: bundles.Unrunnable | None = None
     with rt.transaction() as s:
-        row = s.execute(
-            select(Task, Workspace)
-            .join(Workspace, Workspace.id == Task.workspace_id)
-            .where(Task.id == task_id)
-        ).one_or_none()
+        row = task_and_workspace(s, task_id)
         if row is None:
             return skip("?", f"task {task_id} does not exist")
         task, ws = row

@@ -28,15 +28,15 @@ import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import ColumnElement, Update, bindparam, or_, update
 from sqlalchemy.orm import Session
 
 from executors.base import Directive, Handoff, Heartbeat, Reply, Started, StopReason
 from scheduler.errors import ConcurrentChange, IllegalTransition
-from scheduler.models import Task, Workspace, utcnow
+from scheduler.models import Task, Workspace, task_and_workspace, utcnow
 from scheduler.settings import Settings
 from scheduler.states import ExecutionMode, Phase, TaskStatus, TaskType, phase_of
-from scheduler.transitions import Seen, transition
+from scheduler.transitions import TASKS, Seen, transition
 
 log = logging.getLogger(__name__)
 
@@ -90,11 +90,7 @@ def load_handoff(session: Session, settings: Settings, task_id: int, fence: int)
     Raises :class:`ConcurrentChange` if that claim is no longer current, or
     was started already: the message is late, duplicated or forged.
     """
-    row = session.execute(
-        select(Task, Workspace)
-        .join(Workspace, Workspace.id == Task.workspace_id)
-        .where(Task.id == task_id)
-    ).one_or_none()
+    row = task_and_workspace(session, task_id)
     if row is None:
         raise ConcurrentChange(f"task {task_id} does not exist")
     task, ws = row
@@ -107,6 +103,48 @@ def load_handoff(session: Session, settings: Settings, task_id: int, fence: int)
     return handoff_of(settings, task, ws)
 
 
+def _on(*conditions: ColumnElement[bool]) -> Update:
+    """An UPDATE of the claim (``w_id``, ``w_fence``) while its phase runs
+    (``w_status``), built once (see scheduler.transitions._cas_update)."""
+    return update(TASKS).where(
+        TASKS.c.id == bindparam("w_id"),
+        TASKS.c.fence == bindparam("w_fence"),
+        TASKS.c.status == bindparam("w_status", type_=TASKS.c.status.type),
+        *conditions,
+    )
+
+
+_START = (
+    _on(
+        or_(TASKS.c.executor_handle.is_(None), TASKS.c.executor_handle == bindparam("handle")),
+    )
+    .values(
+        {
+            c: bindparam(f"v_{c}", type_=TASKS.c[c].type)
+            for c in ("executor_handle", "phase_started_at", "heartbeat_at", "lease_expires_at")
+        }
+    )
+    .returning(TASKS.c.id)
+)
+_LEASE = ("heartbeat_at", "lease_expires_at")
+_RENEW = (
+    _on(TASKS.c.executor_handle.is_not(None))
+    .values(
+        {
+            c: bindparam(f"v_{c}", type_=TASKS.c[c].type)
+            for c in ("heartbeat_at", "lease_expires_at")
+        }
+    )
+    .returning(
+        TASKS.c.cancel_requested_at,
+        TASKS.c.cancel_requested_by,
+        TASKS.c.cancel_force,
+        TASKS.c.phase_started_at,
+        TASKS.c.workspace_id,
+    )
+)
+
+
 def start(session: Session, settings: Settings, report: Started) -> Reply:
     """The executor began the phase: take the lease, if no one else has."""
     now = utcnow()
@@ -117,15 +155,14 @@ def start(session: Session, settings: Settings, report: Started) -> Reply:
     started = (
         session.connection()
         .execute(
-            update(Task)
-            .where(
-                Task.id == report.task_id,
-                Task.fence == report.fence,
-                Task.status == running_status(report.phase),
-                or_(Task.executor_handle.is_(None), Task.executor_handle == report.handle),
-            )
-            .values(**start_values(settings, report.handle, now))
-            .returning(Task.id)
+            _START,
+            {
+                "w_id": report.task_id,
+                "w_fence": report.fence,
+                "w_status": running_status(report.phase),
+                "handle": report.handle,
+                **{f"v_{k}": v for k, v in start_values(settings, report.handle, now).items()},
+            },
         )
         .scalar_one_or_none()
     )
@@ -150,21 +187,14 @@ def renew(session: Session, settings: Settings, beat: Heartbeat) -> Reply:
     row = (
         session.connection()
         .execute(
-            update(Task)
-            .where(
-                Task.id == beat.task_id,
-                Task.fence == beat.fence,
-                Task.status == running_status(beat.phase),
-                Task.executor_handle.is_not(None),
-            )
-            .values(heartbeat_at=now, lease_expires_at=now + timedelta(seconds=settings.lease_ttl))
-            .returning(
-                Task.cancel_requested_at,
-                Task.cancel_requested_by,
-                Task.cancel_force,
-                Task.phase_started_at,
-                Task.workspace_id,
-            )
+            _RENEW,
+            {
+                "w_id": beat.task_id,
+                "w_fence": beat.fence,
+                "w_status": running_status(beat.phase),
+                "v_heartbeat_at": now,
+                "v_lease_expires_at": now + timedelta(seconds=settings.lease_ttl),
+            },
         )
         .one_or_none()
     )

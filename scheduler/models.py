@@ -29,9 +29,11 @@ from sqlalchemy import (
     String,
     Text,
     TypeDecorator,
+    bindparam,
+    select,
     text,
 )
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from scheduler.states import ACTIVE_APPLY, ExecutionMode, TaskStatus, TaskType
 
@@ -321,3 +323,19 @@ class Agent(Base):
     running: Mapped[str] = mapped_column(Text, default="[]")
     started_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     last_seen_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+#: A task and its workspace by the task's id, built once: the hot paths (a
+#: claim, a report, a hand-off) read it on every call, and a statement built
+#: per call costs more Python to execute than its round trip takes.
+_TASK_AND_WORKSPACE = (
+    select(Task, Workspace)
+    .join(Workspace, Workspace.id == Task.workspace_id)
+    .where(Task.id == bindparam("task_id"))
+)
+
+
+def task_and_workspace(session: Session, task_id: int) -> tuple[Task, Workspace] | None:
+    """Task ``task_id`` and its workspace, or None if there is no such task."""
+    row = session.execute(_TASK_AND_WORKSPACE, {"task_id": task_id}).one_or_none()
+    return None if row is None else (row[0], row[1])

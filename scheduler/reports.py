@@ -12,7 +12,6 @@ import logging
 from collections.abc import Callable
 from typing import TypeVar
 
-from sqlalchemy import select
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
@@ -30,7 +29,7 @@ from executors.base import (
 from executors.retry import with_backoff
 from scheduler import artifacts, leases
 from scheduler.errors import ConcurrentChange, IllegalTransition, StaleFence, TaskNotFound
-from scheduler.models import Task, Workspace
+from scheduler.models import Task, Workspace, task_and_workspace
 from scheduler.runtime import Runtime
 from scheduler.states import Phase, TaskStatus, TaskType
 from scheduler.transitions import Seen, transition
@@ -94,11 +93,7 @@ def _finished(rt: Runtime, report: Finished) -> Reply:
     handoff: Handoff | None = None
     try:
         with rt.transaction() as s:
-            row = s.execute(
-                select(Task, Workspace)
-                .join(Workspace, Workspace.id == Task.workspace_id)
-                .where(Task.id == report.task_id)
-            ).one_or_none()
+            row = task_and_workspace(s, report.task_id)
             if row is None:
                 raise TaskNotFound(f"task {report.task_id} does not exist")
             task, ws = row

@@ -5,8 +5,9 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
+from typing import cast
 
-from sqlalchemy import select, update
+from sqlalchemy import Table, bindparam, select, update
 from sqlalchemy.orm import Session
 
 from scheduler import artifacts, k8s_jobs, messages, outbox, pools
@@ -93,13 +94,7 @@ def _submit(
     version = artifacts.store_config(s, ws.id, content)
     # Bumping the counter row-locks the workspace until commit, so queue
     # positions are handed out in commit order within a workspace.
-    seq = s.execute(
-        update(Workspace)
-        .where(Workspace.id == ws.id)
-        .values(task_seq=Workspace.task_seq + 1)
-        .returning(Workspace.task_seq)
-        .execution_options(synchronize_session=False)
-    ).scalar_one()
+    seq = s.connection().execute(_NEXT_SEQ, {"ws_id": ws.id}).scalar_one()
     task = Task(
         workspace_id=ws.id,
         type=kind,
@@ -138,6 +133,17 @@ def _submit(
         extra={"action": "submitted", "task_id": task.id, "workspace": workspace},
     )
     return TaskView.of(task, workspace)
+
+
+#: Built once (see scheduler.models.task_and_workspace); on the table, so
+#: the ORM's bulk-UPDATE machinery stays out of the submit.
+_WORKSPACES = cast(Table, Workspace.__table__)
+_NEXT_SEQ = (
+    update(_WORKSPACES)
+    .where(_WORKSPACES.c.id == bindparam("ws_id"))
+    .values(task_seq=_WORKSPACES.c.task_seq + 1)
+    .returning(_WORKSPACES.c.task_seq)
+)
 
 
 def _check_executor(rt: Runtime, s: Session, ws: Workspace) -> None:

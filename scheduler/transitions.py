@@ -10,12 +10,23 @@ the same transaction as the change.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import ColumnElement, func, insert, literal, select, update
+from sqlalchemy import (
+    ClauseElement,
+    ColumnElement,
+    Table,
+    Update,
+    bindparam,
+    func,
+    insert,
+    select,
+    update,
+)
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -115,13 +126,19 @@ def transition(
         raise IllegalTransition(f"task {task_id} ({task_type}) is {current}; it cannot become {to}")
 
     now = utcnow()
-    new_values = _columns(current, to, now)
-    new_values.update(values or {})
-
-    conditions = [Task.id == task_id, Task.status == current, Task.fence == seen.fence]
-    if guard is not None:
-        conditions.append(guard)
-    stmt = update(Task).where(*conditions).values(**new_values).returning(Task.fence)
+    plain, bumped = _columns(current, to, now)
+    plain.update(values or {})
+    bumped -= plain.keys()  # a caller's value wins over the default bump
+    params = {"w_id": task_id, "w_status": current, "w_fence": seen.fence, "now": now}
+    if guard is None and not any(isinstance(v, ClauseElement) for v in plain.values()):
+        stmt = _cas_update(tuple(sorted(plain)), tuple(sorted(bumped)))
+        params.update({f"v_{k}": v for k, v in plain.items()})
+    else:  # a guard or a value computed in SQL: a one-off shape, built for this call
+        exprs = {k: v for k, v in plain.items() if isinstance(v, ClauseElement)}
+        binds = {k: v for k, v in plain.items() if k not in exprs}
+        stmt = _cas_update.__wrapped__(tuple(sorted(binds)), tuple(sorted(bumped)), guard)
+        stmt = stmt.values(exprs)
+        params.update({f"v_{k}": v for k, v in binds.items()})
     # Only a plan+apply entering the active set can hit the partial unique
     # index (a second active plan+apply in its workspace). A refused
     # statement aborts a PostgreSQL transaction, so that one UPDATE runs in
@@ -137,9 +154,9 @@ def transition(
     try:
         if may_conflict:
             with session.begin_nested():
-                new_fence_value = session.connection().execute(stmt).scalar_one_or_none()
+                new_fence_value = session.connection().execute(stmt, params).scalar_one_or_none()
         else:
-            new_fence_value = session.connection().execute(stmt).scalar_one_or_none()
+            new_fence_value = session.connection().execute(stmt, params).scalar_one_or_none()
     except IntegrityError as exc:
         raise ConcurrentChange(
             f"task {task_id}: another plan+apply is active in its workspace"
@@ -150,15 +167,16 @@ def transition(
     # A Core INSERT: the ORM's unit of work would add a flush and a
     # RETURNING for an id nobody reads.
     session.connection().execute(
-        insert(TaskEvent).values(
-            task_id=task_id,
-            from_status=current,
-            to_status=to,
-            actor=actor,
-            reason=reason,
-            fence=new_fence_value,
-            at=now,
-        )
+        _EVENT_INSERT,
+        {
+            "task_id": task_id,
+            "from_status": current,
+            "to_status": to,
+            "actor": actor,
+            "reason": reason,
+            "fence": new_fence_value,
+            "at": now,
+        },
     )
     done = Transition(
         task_id, seen.workspace_id, seen.workspace, task_type, current, to, new_fence_value, now
@@ -167,17 +185,19 @@ def transition(
     return done
 
 
-def _columns(current: TaskStatus, to: TaskStatus, now: datetime) -> dict[str, Any]:
-    """What moving from ``current`` to ``to`` writes besides the status."""
-    new_values: dict[str, Any] = {"status": to, "status_changed_at": now}
+def _columns(current: TaskStatus, to: TaskStatus, now: datetime) -> tuple[dict[str, Any], set[str]]:
+    """What moving from ``current`` to ``to`` writes besides the status: the
+    values, and the columns computed in SQL from their old value (see
+    :data:`_BUMPS`)."""
+    plain: dict[str, Any] = {"status": to, "status_changed_at": now}
+    bumped: set[str] = set()
     if to is TaskStatus.PLANNING:
-        # The first claim; a cancelled task never started.
-        new_values["started_at"] = func.coalesce(Task.started_at, literal(now, UTCDateTime()))
+        bumped.add("started_at")  # the first claim's time; a cancelled task never started
     if to in TERMINAL:
-        new_values["finished_at"] = now
+        plain["finished_at"] = now
     if (current, to) in CLAIMS:
-        new_values.update(
-            fence=Task.fence + 1,
+        bumped.add("fence")
+        plain.update(
             executor_handle=None,
             phase_started_at=None,
             heartbeat_at=None,
@@ -186,10 +206,43 @@ def _columns(current: TaskStatus, to: TaskStatus, now: datetime) -> dict[str, An
             handoff_attempts=1,
         )
         if to is TaskStatus.PLANNING:
-            new_values["plan_attempts"] = Task.plan_attempts + 1
+            bumped.add("plan_attempts")
     elif to not in RUNNING:
-        new_values["lease_expires_at"] = None
-    return new_values
+        plain["lease_expires_at"] = None
+    return plain, bumped
+
+
+TASKS = cast(Table, Task.__table__)
+#: Columns a transition computes from their old value (``now``: its time).
+_BUMPS: dict[str, ColumnElement[Any]] = {
+    "fence": TASKS.c.fence + 1,
+    "plan_attempts": TASKS.c.plan_attempts + 1,
+    "started_at": func.coalesce(TASKS.c.started_at, bindparam("now", type_=UTCDateTime())),
+}
+_EVENT_INSERT = insert(cast(Table, TaskEvent.__table__))
+
+
+@functools.lru_cache(maxsize=128)
+def _cas_update(
+    plain: tuple[str, ...], bumped: tuple[str, ...], guard: ColumnElement[bool] | None = None
+) -> Update:
+    """The compare-and-set UPDATE for one shape of values, built once.
+
+    Built per call, the statement cost more Python to execute (SQLAlchemy
+    derives a cache key from every new statement tree) than its round trip
+    takes; a transition has a handful of shapes. Values travel as parameters
+    ``v_<column>``; the row is matched on ``w_id``, ``w_status``, ``w_fence``.
+    """
+    conditions = [
+        TASKS.c.id == bindparam("w_id"),
+        TASKS.c.status == bindparam("w_status", type_=TASKS.c.status.type),
+        TASKS.c.fence == bindparam("w_fence"),
+    ]
+    if guard is not None:
+        conditions.append(guard)
+    sets: dict[str, Any] = {k: bindparam(f"v_{k}", type_=TASKS.c[k].type) for k in plain}
+    sets.update({k: _BUMPS[k] for k in bumped})
+    return update(TASKS).where(*conditions).values(sets).returning(TASKS.c.fence)
 
 
 def _read(session: Session, task_id: int) -> Seen:

@@ -7,7 +7,7 @@ import logging
 import re
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -149,8 +149,12 @@ def set_timeouts(
         return WorkspaceView.of(ws)
 
 
+#: Built once: every submit reads it (see scheduler.models.task_and_workspace).
+_BY_NAME = select(Workspace).where(Workspace.name == bindparam("name"))
+
+
 def load(session: Session, name: str) -> Workspace:
-    ws = session.scalars(select(Workspace).where(Workspace.name == name)).one_or_none()
+    ws = session.scalars(_BY_NAME, {"name": name}).one_or_none()
     if ws is None:
         raise WorkspaceNotFound(f"workspace {name!r} does not exist")
     return ws
