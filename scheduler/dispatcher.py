@@ -25,15 +25,16 @@ the lock's TTL and PostgreSQL's session timeouts free it).
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass, field, replace
 
-from sqlalchemy import select
+from sqlalchemy import Select, bindparam, select
 from sqlalchemy.orm import Session
 
 from executors import launcher_for
 from executors.base import Bundle, Handoff
-from scheduler import bundles, leases
+from scheduler import bundles, leases, workspaces
 from scheduler.errors import ConcurrentChange
 from scheduler.locks import workspace_lock
 from scheduler.models import Task, Workspace, task_and_workspace, utcnow
@@ -241,17 +242,13 @@ def _dispatch_held(rt: Runtime, workspace: str) -> Decision:
 
 
 def _decide(rt: Runtime, s: Session, workspace: str) -> tuple[Decision, Handoff | None]:
-    ws = s.scalars(select(Workspace).where(Workspace.name == workspace)).one_or_none()
+    ws = workspaces.find(s, workspace)
     if ws is None:
         return Decision(workspace, "skipped", "no such workspace"), None
     legacy = rt.settings.dispatch_mode is DispatchMode.LEGACY
 
     # Re-read under the lock: what holds the workspace right now?
-    holding = ACTIVE_APPLY | RUNNING if legacy else ACTIVE_APPLY
-    active_q = select(Task).where(Task.workspace_id == ws.id, Task.status.in_(holding))
-    if not legacy:
-        active_q = active_q.where(Task.type == TaskType.PLAN_AND_APPLY)
-    active = s.scalars(active_q.order_by(Task.queue_seq).limit(1)).first()
+    active = s.scalars(_holder_query(legacy), {"ws_id": ws.id}).first()
 
     if active is not None:
         if active.status != TaskStatus.APPLY_QUEUED:
@@ -264,18 +261,45 @@ def _decide(rt: Runtime, s: Session, workspace: str) -> tuple[Decision, Handoff 
         reason = "re-read: apply_queued (confirmed)"
         return Decision(ws.name, "claimed_apply", reason, active.id, handoff.fence), handoff
 
-    head_q = select(Task).where(Task.workspace_id == ws.id, Task.status == TaskStatus.PENDING)
-    if not legacy:
-        head_q = head_q.where(Task.type == TaskType.PLAN_AND_APPLY)
-    if ws.locked_by is not None:
+    if ws.locked_by is not None and not legacy:
         # A manual lock holds back plan+apply tasks only; in legacy mode the
         # plans queued in the same line may still go.
-        if not legacy:
-            return Decision(ws.name, "skipped", f"workspace locked by {ws.locked_by}"), None
-        head_q = head_q.where(Task.type == TaskType.PLAN)
-    head = s.scalars(head_q.order_by(Task.queue_seq).limit(1)).first()
+        return Decision(ws.name, "skipped", f"workspace locked by {ws.locked_by}"), None
+    plans_only = legacy and ws.locked_by is not None
+    head = s.scalars(_head_query(legacy, plans_only), {"ws_id": ws.id}).first()
     if head is None:
         return Decision(ws.name, "skipped", "queue empty"), None
     handoff = _claim(rt, s, head, ws, TaskStatus.PLANNING, "head of queue claimed")
     reason = f"re-read: pending, head of queue (position {head.queue_seq})"
     return Decision(ws.name, "claimed_plan", reason, head.id, handoff.fence), handoff
+
+
+# The dispatcher's reads, one per mode, built once (see
+# scheduler.models.task_and_workspace); the workspace is ``ws_id``.
+
+
+@functools.cache
+def _holder_query(legacy: bool) -> Select[Task]:
+    """The task that holds the workspace: in the new mode the active
+    plan+apply; in legacy mode any running or active task."""
+    holding = ACTIVE_APPLY | RUNNING if legacy else ACTIVE_APPLY
+    q = select(Task).where(
+        Task.workspace_id == bindparam("ws_id"), Task.status.in_([str(x) for x in holding])
+    )
+    if not legacy:
+        q = q.where(Task.type == TaskType.PLAN_AND_APPLY)
+    return q.order_by(Task.queue_seq).limit(1)
+
+
+@functools.cache
+def _head_query(legacy: bool, plans_only: bool) -> Select[Task]:
+    """The head of the workspace's queue: the first pending plan+apply (in
+    legacy mode, the first pending task, or plan if ``plans_only``)."""
+    q = select(Task).where(
+        Task.workspace_id == bindparam("ws_id"), Task.status == TaskStatus.PENDING
+    )
+    if not legacy:
+        q = q.where(Task.type == TaskType.PLAN_AND_APPLY)
+    elif plans_only:
+        q = q.where(Task.type == TaskType.PLAN)
+    return q.order_by(Task.queue_seq).limit(1)

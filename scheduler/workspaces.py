@@ -153,8 +153,12 @@ def set_timeouts(
 _BY_NAME = select(Workspace).where(Workspace.name == bindparam("name"))
 
 
+def find(session: Session, name: str) -> Workspace | None:
+    return session.scalars(_BY_NAME, {"name": name}).one_or_none()
+
+
 def load(session: Session, name: str) -> Workspace:
-    ws = session.scalars(_BY_NAME, {"name": name}).one_or_none()
+    ws = find(session, name)
     if ws is None:
         raise WorkspaceNotFound(f"workspace {name!r} does not exist")
     return ws
