@@ -54,24 +54,11 @@ def draw(summary: dict[str, dict[str, list[float]]], raw: dict[str, Any], path: 
     bars(lat, [("lat_p50", "p50"), ("lat_p99", "p99")], systems, "plan start latency, ms")
     if "lat_p50" in summary:
         lat.set_yscale("log")
+    if floor := _med(summary.get("lat_floor", {}).get("base")):
+        lat.axhline(floor, color="black", linestyle="--", linewidth=1)
+        lat.annotate(f"durable floor p50 {_num(floor)}", (0, floor), va="bottom", fontsize=7)
 
-    shapes = sorted(raw.get("throughput") or {}, key=_processes)
-    if shapes:
-        for col, name in systems:
-            xs, ys = [], []
-            for shape in shapes:
-                values = summary.get(f"tput_{shape}", {}).get(col)
-                if values:
-                    xs.append(_processes(shape))
-                    ys.append(_med(values))
-            tput.plot(xs, ys, marker="o", label=name, color=COLORS[col])
-        tput.set_xlabel("worker processes")
-        tput.set_xticks(sorted({_processes(s) for s in shapes}))
-        tput.set_yscale("log")
-        tput.legend(fontsize=8)
-    else:
-        tput.text(0.5, 0.5, "not measured", ha="center", va="center")
-    tput.set_title("plan throughput, plans/s (Celery: no-op drain)")
+    _throughput(tput, summary, raw, systems)
 
     n = raw.get("args", {}).get("serial_workspaces", 100)
     bars(
@@ -92,6 +79,34 @@ def draw(summary: dict[str, dict[str, list[float]]], raw: dict[str, Any], path: 
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _throughput(
+    tput: Any,
+    summary: dict[str, dict[str, list[float]]],
+    raw: dict[str, Any],
+    systems: list[tuple[str, str]],
+) -> None:
+    shapes = sorted(raw.get("throughput") or {}, key=_processes)
+    if shapes:
+        for col, name in systems:
+            xs, ys = [], []
+            for shape in shapes:
+                values = summary.get(f"tput_{shape}", {}).get(col)
+                if values:
+                    xs.append(_processes(shape))
+                    ys.append(_med(values))
+            tput.plot(xs, ys, marker="o", label=name, color=COLORS[col])
+        if floor := _med(summary.get("tput_floor", {}).get("base")):
+            main = _processes(raw.get("args", {}).get("shape", "2x2"))
+            tput.plot([main], [floor], "kx", label="durable floor")
+        tput.set_xlabel("worker processes")
+        tput.set_xticks(sorted({_processes(s) for s in shapes}))
+        tput.set_yscale("log")
+        tput.legend(fontsize=8)
+    else:
+        tput.text(0.5, 0.5, "not measured", ha="center", va="center")
+    tput.set_title("plan throughput, plans/s (Celery: no-op drain)")
 
 
 def _processes(shape: str) -> int:
