@@ -638,6 +638,37 @@ def run_phase(bundle_dir: Path) -> None:
 
 
 @command(main)
+@click.option("--workspace", "workspace_name", default=None, help="Only this workspace's tasks.")
+@click.option("--since", default=None, help="Tasks created since: 90s, 15m, 2h, 1d or ISO time.")
+@click.option("--limit", default=500, show_default=True, help="At most this many (newest) tasks.")
+@click.option(
+    "--out",
+    "out_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    required=True,
+    help="FILE.svg, FILE.html or FILE.png (PNG needs Debian's chromium).",
+)
+def timeline(
+    out: Output, workspace_name: str | None, since: str | None, limit: int, out_path: Path
+) -> None:
+    """Draw each task's phases and waits over time, from the event table."""
+    from scheduler import timeline_picture, workspaces
+    from scheduler.models import utcnow
+
+    rt = client().runtime
+    if workspace_name is not None:
+        workspaces.get(rt, workspace_name)  # unknown name: a clear error
+    after = timeline_picture.parse_since(since, utcnow())
+    path, count = timeline_picture.draw(
+        rt, out_path, workspace=workspace_name, since=after, limit=limit
+    )
+    out.emit(
+        {"path": str(path), "tasks": count},
+        lambda: click.echo(f"wrote {path} ({count} tasks)"),
+    )
+
+
+@command(main)
 @click.option("--workers", default=2, show_default=True, help="Celery worker processes.")
 @click.option(
     "--data-dir",
