@@ -493,6 +493,29 @@ def status(out: Output, check: bool, check_beat: bool, ping_timeout: float) -> N
         sys.exit(EXIT_ERROR)
 
 
+@command(main)
+@click.option("--port", type=int, required=True, help="TCP port to serve /metrics on.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
+def metrics(out: Output, port: int, host: str) -> None:
+    """Serve Prometheus metrics on http://HOST:PORT/metrics until stopped.
+
+    Each scrape reads the database and Redis, so the figures cover every
+    worker; counters and histograms restart from the task history when this
+    process restarts (see scheduler/metrics.py).
+    """
+    from scheduler.metrics import serve
+
+    rt = client().runtime
+    server, thread = serve(rt, host, port)
+    bound_host, bound_port = server.server_address[:2]
+    url = f"http://{bound_host}:{bound_port}/metrics"
+    out.emit({"url": url}, lambda: click.echo(f"serving runq metrics on {url}"))
+    try:
+        thread.join()
+    except KeyboardInterrupt:
+        server.shutdown()
+
+
 # -- stored state ----------------------------------------------------------------
 
 

@@ -94,6 +94,20 @@ def _log(decision: Decision, verb: str = "dispatch", lock: str = "none") -> Deci
     return decision
 
 
+#: A Redis hash: dispatch decisions by outcome (``runq metrics`` reads it).
+#: Decisions leave no row in the database, and Redis is shared by every
+#: worker, so the count is the cluster's.
+DISPATCH_COUNTS_KEY = "runq:metrics:dispatch"
+
+
+def _count(rt: Runtime, outcome: str) -> None:
+    """Count a dispatch outcome for the metrics. Never fails a dispatch."""
+    try:
+        rt.redis.hincrby(DISPATCH_COUNTS_KEY, outcome, 1)
+    except Exception as exc:
+        log.debug("metrics: dispatch count not written (%s: %s)", type(exc).__name__, exc)
+
+
 def _claim(
     rt: Runtime,
     s: Session,
@@ -219,13 +233,16 @@ def dispatch(rt: Runtime, workspace: str) -> Decision:
             if not held:
                 # The holder re-runs when it sees the mark: nothing is lost.
                 _log(decision, lock="busy; marked dirty")
+                _count(rt, decision.action)
                 return result
             decision = _dispatch_held(rt, workspace)
+        _count(rt, decision.action)
         if decision.claimed or not result.claimed:
             result = decision
         if not held.was_dirty:
             return result
         _log(decision, lock="held; dirty, once more")
+        _count(rt, "dirty_rerun")
     return result
 
 
