@@ -195,6 +195,8 @@ class DemoReport:
     workspaces: dict[str, dict[str, Any]]
     tasks: list[dict[str, Any]]
     problems: list[str] = field(default_factory=list)
+    #: The timeline picture (HTML; an SVG beside it), from task_events.
+    timeline: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         totals = {
@@ -222,6 +224,7 @@ class DemoReport:
             "scenario_seconds": round(self.scenario_seconds, 2),
             "workspaces": self.workspaces,
             "tasks": self.tasks,
+            "timeline": self.timeline,
         }
 
 
@@ -700,16 +703,30 @@ def _run(
     report = _report(
         views, events, names_by_ws, problems, setup, workers, time.monotonic() - started
     )
+    report.timeline = str(_picture(views, events, demo_dir))
     (demo_dir / "report.json").write_text(_dumps(report.to_json()))
     if not quiet:
         say("")
         say(_render(views, events, names_by_ws, report))
+        say(f"timeline picture: {report.timeline} (runq timeline --out FILE draws one any time)")
     if not report.ok:
         raise DemoError(
             f"{report.verdict} (report: {demo_dir / 'report.json'}; "
             f"worker logs: {demo_dir / 'workers'})"
         )
     return report
+
+
+def _picture(views: list[TaskView], events: list[EventView], demo_dir: Path) -> Path:
+    """The demo's timeline as SVG and HTML (the path of the HTML)."""
+    from scheduler import timeline_picture
+
+    title = f"runq demo: {len(views)} tasks"
+    from scheduler.models import utcnow
+
+    drawn = timeline_picture.svg(views, timelines(events), utcnow(), title)
+    timeline_picture.write(demo_dir / "timeline.svg", drawn, title)
+    return timeline_picture.write(demo_dir / "timeline.html", drawn, title)
 
 
 def _dumps(data: object) -> str:

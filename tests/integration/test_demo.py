@@ -58,6 +58,10 @@ def test_demo_plans_overlap_applies_and_applies_never_overlap(tmp_path: Path) ->
     assert report["redis"].startswith("private redis-server")
     assert Path(report["demo_dir"]).parent == tmp_path.resolve()
     assert (Path(report["demo_dir"]) / "report.json").is_file()
+    # It ends with a timeline picture of what it ran: every task has a lane.
+    picture = Path(report["timeline"])
+    assert picture.name == "timeline.html" and picture.with_suffix(".svg").is_file()
+    assert all(f"#{t['id']} " in picture.read_text() for t in report["tasks"])
     assert set(report["workspaces"]) == {"networking", "app", "sandbox"}
 
     tasks = report["tasks"]
