@@ -16,8 +16,8 @@ with client.session() as s, s.begin():
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
-from typing import Any
+from collections.abc import Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.orm import Session
 
@@ -27,6 +27,9 @@ from scheduler.runtime import Runtime
 from scheduler.settings import Settings
 from scheduler.states import SETTLED, ExecutionMode, TaskStatus, TaskType
 from scheduler.views import EventView, TaskView, WorkspaceView
+
+if TYPE_CHECKING:
+    from scheduler.artifacts import LogPiece
 
 
 class WaitTimeout(SchedulerError):
@@ -113,6 +116,13 @@ class Client:
         with self.session() as s:
             texts = {p: artifacts.log_text(s, task_id, p) for p in ("plan", "apply")}
         return {p: t.decode("utf-8", errors="replace") for p, t in texts.items() if t}
+
+    def follow_logs(self, task_id: int, *, poll: float = 0.5) -> Iterator[LogPiece]:
+        """``task_id``'s output as it is stored, until the task settles
+        (see :func:`scheduler.artifacts.follow`)."""
+        from scheduler import artifacts
+
+        return artifacts.follow(self.runtime, task_id, poll=poll)
 
     def events(self, task_ids: Sequence[int] | None = None) -> list[EventView]:
         return tasks.events(self.runtime, task_ids)

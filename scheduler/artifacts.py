@@ -23,9 +23,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sqlalchemy import bindparam, select
 from sqlalchemy.exc import IntegrityError
@@ -33,9 +36,12 @@ from sqlalchemy.orm import Session, defer
 
 from executors import archive
 from executors.base import LogWritten, Reply, StateWritten
-from scheduler.errors import InvalidInput, NotFound
+from scheduler.errors import InvalidInput, NotFound, TaskNotFound
 from scheduler.models import ConfigurationVersion, LogChunk, PlanArtifact, StateVersion, Task
-from scheduler.states import TaskStatus, phase_of
+from scheduler.states import SETTLED, TaskStatus, phase_of
+
+if TYPE_CHECKING:
+    from scheduler.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -316,3 +322,55 @@ def log_text(session: Session, task_id: int, phase: str | None = None) -> bytes:
             out += content[max(0, end - offset) :]
             end = offset + len(content)
     return bytes(out)
+
+
+@dataclass(frozen=True)
+class LogPiece:
+    """New output of one claim of one phase (``runq logs --follow``)."""
+
+    phase: str
+    fence: int
+    text: bytes
+
+
+def follow(
+    rt: Runtime,
+    task_id: int,
+    *,
+    poll: float = 0.5,
+    sleep: Callable[[float], None] = time.sleep,
+) -> Iterator[LogPiece]:
+    """A task's output as it is stored, until the task settles.
+
+    Executors send their output at each heartbeat and before they report a
+    phase finished, so it arrives here at most a heartbeat after terraform
+    wrote it, from whichever host runs the phase. A chunk sent twice (a
+    retried report) is skipped by its offset. It ends once the task is
+    settled (ended, or waiting for confirmation) and everything stored
+    before that has been given: the finish is committed after the last
+    chunk, so reading the status first and the chunks second misses none.
+    """
+    last_id = 0
+    ends: dict[tuple[str, int], int] = {}
+    while True:
+        with rt.sessions() as s:
+            status = s.scalar(select(Task.status).where(Task.id == task_id))
+            if status is None:
+                raise TaskNotFound(f"task {task_id} does not exist")
+            rows = s.execute(
+                select(
+                    LogChunk.id, LogChunk.phase, LogChunk.fence, LogChunk.offset, LogChunk.content
+                )
+                .where(LogChunk.task_id == task_id, LogChunk.id > last_id)
+                .order_by(LogChunk.id)
+            ).all()
+        for chunk_id, phase, fence, offset, content in rows:
+            last_id = chunk_id
+            end = ends.get((phase, fence), 0)
+            if offset + len(content) <= end:
+                continue
+            ends[(phase, fence)] = offset + len(content)
+            yield LogPiece(phase, fence, content[max(0, end - offset) :])
+        if TaskStatus(status) in SETTLED and not rows:
+            return
+        sleep(poll)

@@ -422,14 +422,26 @@ def cancel(out: Output, task_id: int, force: bool, wait: bool, timeout: float | 
 
 @command(main)
 @click.argument("task_id", type=int)
-def logs(out: Output, task_id: int) -> None:
+@click.option(
+    "--follow",
+    "-f",
+    is_flag=True,
+    help="Stream the output as it arrives, until the task ends or waits for confirmation.",
+)
+def logs(out: Output, task_id: int, follow: bool) -> None:
     """Print the terraform output of task ID, phase by phase.
 
     The output is stored by runq as the executor sends it, so this works on
-    any host, whichever worker, agent or Job ran the phase.
+    any host, whichever worker, agent or Job ran the phase. With --follow it
+    streams: executors send their output at every heartbeat (2 s), so it
+    arrives a heartbeat behind terraform at most; with --json, one JSON
+    object per piece.
     """
     c = client()
     c.get(task_id)  # unknown id: a clear error, not an empty answer
+    if follow:
+        _follow(c, task_id, out.as_json)
+        return
     texts = c.logs(task_id)
 
     def human() -> None:
@@ -440,6 +452,20 @@ def logs(out: Output, task_id: int) -> None:
             click.echo(text, nl=False)
 
     out.emit({"task_id": task_id, "logs": texts}, human)
+
+
+def _follow(c: Any, task_id: int, as_json: bool) -> None:
+    shown: tuple[str, int] | None = None
+    for piece in c.follow_logs(task_id):
+        text = piece.text.decode("utf-8", errors="replace")
+        if as_json:
+            click.echo(json.dumps({"phase": piece.phase, "fence": piece.fence, "text": text}))
+            continue
+        if shown != (piece.phase, piece.fence):
+            again = shown is not None and shown[0] == piece.phase
+            click.echo(f"===== {piece.phase}{' (run again)' if again else ''} =====")
+            shown = (piece.phase, piece.fence)
+        click.echo(text, nl=False)
 
 
 @command(main)
