@@ -15,6 +15,9 @@ with client.session() as s, s.begin():
 
 from __future__ import annotations
 
+import getpass
+import os
+import socket
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
@@ -29,11 +32,38 @@ from scheduler.states import SETTLED, ExecutionMode, TaskStatus, TaskType
 from scheduler.views import EventView, TaskView, WorkspaceView
 
 if TYPE_CHECKING:
+    from celery_app.runtime import CeleryPublisher
     from scheduler.artifacts import LogPiece
+    from scheduler.messages import Message
 
 
 class WaitTimeout(SchedulerError):
     """Timed out waiting for tasks to settle."""
+
+
+class _CeleryOnFirstUse:
+    """runq's Celery publisher, loaded at the first message: a client that
+    only reads (`runq show`, `runq list`) never imports Celery, whose import
+    and configuration were a quarter of the CLI's start-up (issue 8)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._inner: CeleryPublisher | None = None
+
+    def _publisher(self) -> CeleryPublisher:
+        if self._inner is None:
+            from celery_app.app import app, use_settings
+            from celery_app.runtime import CeleryPublisher
+
+            use_settings(self.settings)
+            self._inner = CeleryPublisher(app)
+        return self._inner
+
+    def publish(self, message: Message) -> str:
+        return self._publisher().publish(message)
+
+    def depth(self, queue: str) -> int | None:
+        return self._publisher().depth(queue)
 
 
 class Client:
@@ -42,12 +72,14 @@ class Client:
 
     @classmethod
     def from_env(cls, settings: Settings | None = None, actor: str | None = None) -> Client:
-        from celery_app.app import app, use_settings
-        from celery_app.runtime import build_runtime
-
         settings = settings or Settings()
-        use_settings(settings)
-        return cls(build_runtime(app, settings, actor=actor))
+        return cls(
+            Runtime(
+                settings=settings,
+                publisher=_CeleryOnFirstUse(settings),
+                actor=actor or f"{getpass.getuser()}@{socket.gethostname()}:{os.getpid()}",
+            )
+        )
 
     def session(self) -> Session:
         """A session on runq's database, publishing runq's messages on commit."""

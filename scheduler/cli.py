@@ -14,14 +14,17 @@ import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
 from scheduler.errors import InvalidInput, NotFound, SchedulerError
-from scheduler.settings import Settings
 from scheduler.states import RUNNING, ExecutionMode
-from scheduler.views import EventView, TaskView, WorkspaceView
+
+if TYPE_CHECKING:
+    # Only for annotations: a command imports what it uses when it runs, so
+    # `runq show` does not pay for Celery, Kubernetes or alembic (issue 8).
+    from scheduler.views import EventView, TaskView, WorkspaceView
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -135,6 +138,7 @@ def upgrade(out: Output) -> None:
     """Create or migrate the schema to the newest revision."""
     from scheduler.db import current_revision, make_engine
     from scheduler.db import upgrade as run_upgrade
+    from scheduler.settings import Settings
 
     settings = Settings()
     engine = make_engine(settings.resolved_database_url)

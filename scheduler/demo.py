@@ -666,6 +666,12 @@ def _run(
     finally:
         engine.dispose()
 
+    from celery_app.app import use_settings
+
+    # The demo pings its workers through the process's Celery app, so that
+    # app must speak to the demo's broker (a Client loads Celery only when it
+    # first publishes).
+    use_settings(setup.settings)
     client = Client.from_env(setup.settings, actor="runq-demo")
     try:
         if setup.shared_broker:

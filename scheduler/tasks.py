@@ -10,7 +10,7 @@ from typing import cast
 from sqlalchemy import Table, bindparam, select, update
 from sqlalchemy.orm import Session
 
-from scheduler import artifacts, k8s_jobs, messages, outbox, pools
+from scheduler import artifacts, messages, outbox
 from scheduler.errors import (
     ConcurrentChange,
     IllegalTransition,
@@ -148,6 +148,12 @@ _NEXT_SEQ = (
 
 def _check_executor(rt: Runtime, s: Session, ws: Workspace) -> None:
     """Refuse a submit that no executor could run (nothing is inserted)."""
+    if ws.execution_mode == ExecutionMode.LOCAL:
+        return
+    # Imported only for remote modes: it brings the Kubernetes client, which
+    # a local workspace's `runq submit` should not wait for.
+    from scheduler import pools
+
     if ws.execution_mode == ExecutionMode.AGENT:
         pool = pools.load(s, ws.agent_pool or "")
         if pool.kind != pools.KIND_AGENT:
@@ -343,6 +349,8 @@ def cancel(
     if phase is not None:
         # A Kubernetes Job is deleted now (its pod gets SIGTERM: terraform is
         # interrupted and saves its state), not at its next heartbeat.
+        from scheduler import k8s_jobs  # the Kubernetes client: only when cancelling
+
         k8s_jobs.stop(rt, task_id, phase, fence)
     if view is not None:
         return view
