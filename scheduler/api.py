@@ -5,6 +5,8 @@ from scheduler.api import Client
 client = Client.from_env()
 task = client.submit("networking", "plan_and_apply", message="bump vpc")
 client.wait([task.id])
+client.why(task.id)     # Waiting(kind, sentence, details), or None once it runs
+client.workspace("networking")  # active task, queue, running plans, lock, state
 
 # or inside your own transaction (same database as runq):
 with client.session() as s, s.begin():
@@ -21,12 +23,13 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from scheduler import tasks, workspaces
+from scheduler import tasks, waiting, workspaces
 from scheduler.errors import SchedulerError
 from scheduler.runtime import Runtime
 from scheduler.settings import Settings
 from scheduler.states import SETTLED, ExecutionMode, TaskStatus, TaskType
 from scheduler.views import EventView, TaskView, WorkspaceView
+from scheduler.waiting import Waiting
 
 
 class WaitTimeout(SchedulerError):
@@ -113,6 +116,16 @@ class Client:
         with self.session() as s:
             texts = {p: artifacts.log_text(s, task_id, p) for p in ("plan", "apply")}
         return {p: t.decode("utf-8", errors="replace") for p, t in texts.items() if t}
+
+    def why(self, task_id: int) -> Waiting | None:
+        """What task ``task_id`` waits for (see :mod:`scheduler.waiting`):
+        ``Waiting(kind, sentence, details)``, or None if it runs or has ended."""
+        return waiting.why(self.runtime, task_id)
+
+    def workspace(self, name: str) -> workspaces.Overview:
+        """Workspace ``name`` with its active task, queue, running plans, lock
+        and latest state version (``runq workspace show``)."""
+        return workspaces.overview(self.runtime, name)
 
     def events(self, task_ids: Sequence[int] | None = None) -> list[EventView]:
         return tasks.events(self.runtime, task_ids)
