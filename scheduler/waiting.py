@@ -156,12 +156,8 @@ def _unstarted(
     claimed = f"its {phase} was claimed at {_when(_since(task), now)} but has not started"
     n = task.handoff_attempts
     sent = f"sent {n} time{'s' if n != 1 else ''}"
-    details: dict[str, Any] = {
-        "workspace": ws.name,
-        "phase": str(phase),
-        "execution_mode": ws.execution_mode,
-        "handoff_attempts": n,
-    }
+    details: dict[str, Any] = {"workspace": ws.name, "phase": str(phase), "handoff_attempts": n}
+    details["execution_mode"] = ws.execution_mode
     if ws.execution_mode == ExecutionMode.LOCAL:
         return ForWorker(
             QUEUE_RUNS,
@@ -188,14 +184,9 @@ def _unstarted(
             f"slot{'s' if free > 1 else ''} of {capacity}: waiting for an agent to start it",
             details,
         )
-    full = (
-        f"no live agent serves it{missing}"
-        if capacity == 0
-        else f"every slot is busy ({busy} of {capacity})"
-    )
-    return Waiting(
-        AGENT_CAPACITY, f"{claimed}: waiting for agent capacity in pool {name}: {full}", details
-    )
+    full = f"every slot is busy ({busy} of {capacity})" if capacity else "no live agent serves it"
+    sentence = f"{claimed}: waiting for agent capacity in pool {name}: {full}{missing}"
+    return Waiting(AGENT_CAPACITY, sentence, details)
 
 
 def _confirmation(task: Task, ws: Workspace, now: datetime) -> Waiting:
@@ -278,9 +269,8 @@ def _doing(task: Task, ws: Workspace, now: datetime) -> str:
 
 
 def _lock(ws: Workspace) -> dict[str, Any]:
-    if ws.locked_by is None:
-        return {"lock": None}
-    return {"lock": {"by": ws.locked_by, "reason": ws.lock_reason, "at": _iso(ws.locked_at)}}
+    lock = {"by": ws.locked_by, "reason": ws.lock_reason, "at": _iso(ws.locked_at)}
+    return {"lock": lock if ws.locked_by is not None else None}
 
 
 def _lock_phrase(ws: Workspace, now: datetime) -> str:

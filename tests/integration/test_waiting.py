@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from executors.base import StateWritten
+from executors.fake import FakeLauncher
 from scheduler import dispatcher, messages, pools, reports, tasks, workspaces
 from scheduler.api import Client
 from scheduler.messages import QUEUE_DISPATCH, QUEUE_PLANS, QUEUE_RUNS
@@ -186,6 +187,24 @@ def test_an_agent_phase_waits_for_capacity_in_its_pool(rt: Runtime, src: Path) -
     _beat(rt, [{"task_id": 999, "phase": "plan", "fence": 1}])
     w = waits(rt, tid, "agent_capacity")
     assert w.sentence.endswith("in pool builders: every slot is busy (1 of 1)")
+
+
+def test_a_kubernetes_phase_waits_for_its_job_to_start(
+    rt: Runtime, src: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    launcher = FakeLauncher()  # takes the hand-off; no Job reports yet
+    monkeypatch.setattr(dispatcher, "launcher_for", lambda rt, mode: launcher)
+    workspaces.create(rt, "kube", mode="k8s", source_dir=str(src))
+    tid = tasks.submit(rt, "kube", PA).id
+    d = dispatcher.dispatch(rt, "kube")
+    assert d.task_id == tid and d.fence is not None and launcher.launched
+    w = waits(rt, tid, "executor_start")
+    assert w.sentence.endswith(
+        "but has not started: waiting for its Kubernetes Job to start (sent 1 time)"
+    )
+    assert (w.details["execution_mode"], w.details["phase"]) == ("k8s", "plan")
+    assert begin(rt, tid, d.fence).accepted
+    assert why(rt, tid) is None
 
 
 @pytest.fixture
