@@ -5,6 +5,8 @@ from scheduler.api import Client
 client = Client.from_env()
 task = client.submit("networking", "plan_and_apply", message="bump vpc")
 client.wait([task.id])
+client.why(task.id)     # Waiting(kind, sentence, details), or None once it runs
+client.workspace("networking")  # active task, queue, running plans, lock, state
 
 # or inside your own transaction (same database as runq):
 with client.session() as s, s.begin():
@@ -35,6 +37,7 @@ if TYPE_CHECKING:
     from celery_app.runtime import CeleryPublisher
     from scheduler.artifacts import LogPiece
     from scheduler.messages import Message
+    from scheduler.waiting import Waiting
 
 
 class WaitTimeout(SchedulerError):
@@ -155,6 +158,18 @@ class Client:
         from scheduler import artifacts
 
         return artifacts.follow(self.runtime, task_id, poll=poll)
+
+    def why(self, task_id: int) -> Waiting | None:
+        """What task ``task_id`` waits for (see :mod:`scheduler.waiting`):
+        ``Waiting(kind, sentence, details)``, or None if it runs or has ended."""
+        from scheduler import waiting
+
+        return waiting.why(self.runtime, task_id)
+
+    def workspace(self, name: str) -> workspaces.Overview:
+        """Workspace ``name`` with its active task, queue, running plans, lock
+        and latest state version (``runq workspace show``)."""
+        return workspaces.overview(self.runtime, name)
 
     def events(self, task_ids: Sequence[int] | None = None) -> list[EventView]:
         return tasks.events(self.runtime, task_ids)

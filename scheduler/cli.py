@@ -26,6 +26,9 @@ if TYPE_CHECKING:
     # `runq show` does not pay for Celery, Kubernetes or alembic (issue 8).
     from scheduler.views import EventView, TaskView, WorkspaceView
 
+if TYPE_CHECKING:
+    from scheduler.workspaces import Overview
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 EXIT_ERROR = 1
@@ -268,6 +271,55 @@ def list_workspaces(out: Output) -> None:
     out.emit([w.to_json() for w in items], lambda: list(map(_print_workspace, items)))
 
 
+@command(workspace, "show")
+@click.argument("name")
+def show_workspace(out: Output, name: str) -> None:
+    """Show workspace NAME: its active plan+apply, its queue in order, its
+    running plans, its lock and its latest state version."""
+    from scheduler import workspaces
+
+    o = workspaces.overview(client().runtime, name)
+    out.emit(o.to_json(), lambda: _print_overview(o))
+
+
+def _print_overview(o: Overview) -> None:
+    from datetime import UTC, datetime
+
+    from scheduler.views import when
+
+    now = datetime.now(UTC)
+
+    def line(t: TaskView) -> str:
+        since = when(t.status_changed_at or t.created_at, now)
+        started = "" if t.status not in RUNNING or t.executor_handle else " (not started yet)"
+        return (
+            f"task {t.id} {t.type}, {t.status}{started} since {since}"
+            + (f", by {t.created_by}" if t.created_by else "")
+            + (f': "{t.message}"' if t.message else "")
+        )
+
+    ws = o.workspace
+    _print_workspace(ws)
+    reason = f' ("{ws.lock_reason}")' if ws.lock_reason else ""
+    lock = f"{ws.locked_by}{reason} since {when(ws.locked_at, now)}" if ws.locked else "none"
+    click.echo(f"{'locked by':>14}: {lock}")
+    click.echo(f"{'active':>14}: {line(o.active) if o.active else 'none'}")
+    click.echo(f"{'queue':>14}:" + ("" if o.queue else " empty"))
+    for i, t in enumerate(o.queue, 1):
+        click.echo(f"{i:>16}. {line(t)}")
+    click.echo(f"{'running plans':>14}:" + ("" if o.running_plans else " none"))
+    for t in o.running_plans:
+        click.echo(f"{'':>16}  {line(t)}")
+    v = o.state
+    state = (
+        f"version {v.version} (serial {v.serial}, task {v.task_id or '-'}, {v.size} bytes, "
+        f"{when(v.created_at, now)})"
+        if v
+        else "none stored yet"
+    )
+    click.echo(f"{'state':>14}: {state}")
+
+
 @command(workspace)
 @click.argument("name")
 @click.option("--reason", help="Why (shown to whoever finds the workspace locked).")
@@ -357,13 +409,25 @@ def submit(out: Output, workspace_name: str, task_type: str, message: str | None
 @command(main)
 @click.argument("task_id", type=int)
 def show(out: Output, task_id: int) -> None:
-    """Show task ID with its events."""
+    """Show task ID with its events, and what it waits for if it is not running."""
+    from scheduler import waiting
+
     c = client()
-    t = c.get(task_id)
+    t, why = waiting.show(c.runtime, task_id)
     events = c.events([task_id])
+
+    def human() -> None:
+        _print_task_detail(t, events)
+        if why is not None:
+            click.echo(f"{'why':>16}: {why.sentence}")
+
     out.emit(
-        {**t.to_json(), "events": [e.to_json() for e in events]},
-        lambda: _print_task_detail(t, events),
+        {
+            **t.to_json(),
+            "waiting_for": why.to_json() if why is not None else None,
+            "events": [e.to_json() for e in events],
+        },
+        human,
     )
 
 

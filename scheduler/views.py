@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from scheduler.models import Task, TaskEvent, Workspace
@@ -12,6 +12,28 @@ from scheduler.states import RUNNING, ExecutionMode, TaskStatus, TaskType
 
 def _iso(value: datetime | None) -> str | None:
     return value.isoformat() if value is not None else None
+
+
+def when(at: datetime | None, now: datetime) -> str:
+    """``12:03:07 UTC (2 min ago)``, with the date when not ``now``'s day."""
+    if at is None:
+        return "an unknown time"
+    stamp = at.strftime("%H:%M:%S" if at.date() == now.date() else "%Y-%m-%d %H:%M:%S")
+    return f"{stamp} UTC ({ago(now - at)})"
+
+
+def ago(delta: timedelta) -> str:
+    """``45 s ago``, ``2 min ago``, ``3 h ago``, ``4 days ago``."""
+    seconds = max(delta.total_seconds(), 0.0)
+    for unit, size, below in (("s", 1, 90), ("min", 60, 5400), ("h", 3600, 172800)):
+        if seconds < below:
+            return f"{seconds / size:.0f} {unit} ago"
+    return f"{seconds / 86400:.0f} days ago"
+
+
+def ordinal(n: int) -> str:
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
 
 
 @dataclass(frozen=True)
@@ -90,6 +112,7 @@ class TaskView:
     cancel_requested_at: datetime | None = None
     cancel_requested_by: str | None = None
     cancel_force: bool = False
+    status_changed_at: datetime | None = None
 
     @classmethod
     def of(cls, task: Task, workspace: str) -> TaskView:
@@ -119,6 +142,7 @@ class TaskView:
             cancel_requested_at=task.cancel_requested_at,
             cancel_requested_by=task.cancel_requested_by,
             cancel_force=task.cancel_force,
+            status_changed_at=task.status_changed_at,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -134,6 +158,7 @@ class TaskView:
             "created_at": _iso(self.created_at),
             "started_at": _iso(self.started_at),
             "finished_at": _iso(self.finished_at),
+            "status_changed_at": _iso(self.status_changed_at),
             "changes": changes,
             "has_changes": self.has_changes,
             "error": self.error,

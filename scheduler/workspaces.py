@@ -5,17 +5,21 @@ from __future__ import annotations
 import json
 import logging
 import re
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import bindparam, select, update
+from sqlalchemy import bindparam, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from scheduler.errors import InvalidInput, WorkspaceExists, WorkspaceNotFound
 from scheduler.models import Workspace, utcnow
 from scheduler.runtime import Runtime
-from scheduler.states import ExecutionMode, parse
-from scheduler.views import WorkspaceView
+from scheduler.states import RUNNING, DispatchMode, ExecutionMode, TaskStatus, TaskType, parse
+from scheduler.views import TaskView, WorkspaceView
+
+if TYPE_CHECKING:
+    from scheduler.artifacts import StateVersionView
 
 log = logging.getLogger(__name__)
 
@@ -212,3 +216,75 @@ def unlock(rt: Runtime, name: str) -> WorkspaceView:
         view = WorkspaceView.of(ws)
     log.info("workspace %s unlocked", name, extra={"action": "workspace_unlocked"})
     return view
+
+
+@dataclass(frozen=True)
+class Overview:
+    """``runq workspace show``: a workspace and what is in it now."""
+
+    workspace: WorkspaceView
+    dispatch_mode: DispatchMode
+    #: The task holding the workspace (the dispatcher's holder: the active
+    #: plan+apply; in legacy mode, any running or active task).
+    active: TaskView | None
+    #: Queued tasks in the order the dispatcher claims them (plan+apply
+    #: only, or every task in legacy mode).
+    queue: list[TaskView]
+    #: Plans running beside it (they take no workspace lock).
+    running_plans: list[TaskView]
+    #: The current stored Terraform state, if any.
+    state: StateVersionView | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            **self.workspace.to_json(),
+            "dispatch_mode": str(self.dispatch_mode),
+            "active": self.active.to_json() if self.active else None,
+            "queue": [{**t.to_json(), "place": i} for i, t in enumerate(self.queue, 1)],
+            "running_plans": [t.to_json() for t in self.running_plans],
+            "state": self.state.to_json() if self.state else None,
+        }
+
+
+def overview(rt: Runtime, name: str) -> Overview:
+    """Workspace ``name``: its active task, queue, running plans, lock and
+    latest state version, read in one session."""
+    from scheduler.artifacts import StateVersionView
+    from scheduler.dispatcher import _holder_query
+    from scheduler.models import StateVersion, Task
+
+    legacy = rt.settings.dispatch_mode is DispatchMode.LEGACY
+    with rt.sessions() as s:
+        ws = load(s, name)
+        holder = s.scalars(_holder_query(legacy), {"ws_id": ws.id}).first()
+        mine = select(Task).where(Task.workspace_id == ws.id).order_by(Task.queue_seq)
+        queued = mine.where(Task.status == TaskStatus.PENDING)
+        if not legacy:
+            queued = queued.where(Task.type == TaskType.PLAN_AND_APPLY)
+        running = mine.where(Task.type == TaskType.PLAN, Task.status.in_([str(x) for x in RUNNING]))
+        state = s.execute(
+            select(
+                func.count().over(),
+                StateVersion.serial,
+                StateVersion.lineage,
+                StateVersion.task_id,
+                StateVersion.created_at,
+                StateVersion.size,
+                StateVersion.sha256,
+            )
+            .where(StateVersion.workspace_id == ws.id)
+            .order_by(StateVersion.id.desc())
+            .limit(1)
+        ).one_or_none()
+        return Overview(
+            workspace=WorkspaceView.of(ws),
+            dispatch_mode=rt.settings.dispatch_mode,
+            active=TaskView.of(holder, name) if holder else None,
+            queue=[TaskView.of(t, name) for t in s.scalars(queued)],
+            running_plans=[
+                TaskView.of(t, name)
+                for t in s.scalars(running)
+                if holder is None or t.id != holder.id
+            ],
+            state=StateVersionView(name, *state) if state else None,
+        )
