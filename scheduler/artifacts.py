@@ -94,20 +94,25 @@ class StateVersionView:
         }
 
 
+#: What a state version's view shows (everything but its content), in the
+#: order of :class:`StateVersionView`'s fields after ``version``.
+STATE_VERSION_FIELDS = (
+    StateVersion.serial,
+    StateVersion.lineage,
+    StateVersion.task_id,
+    StateVersion.created_at,
+    StateVersion.size,
+    StateVersion.sha256,
+)
+
+
 def state_versions(session: Session, workspace: str) -> list[StateVersionView]:
     """``workspace``'s stored states, oldest first (without their content)."""
     from scheduler.workspaces import load
 
     ws = load(session, workspace)
     rows = session.execute(
-        select(
-            StateVersion.serial,
-            StateVersion.lineage,
-            StateVersion.task_id,
-            StateVersion.created_at,
-            StateVersion.size,
-            StateVersion.sha256,
-        )
+        select(*STATE_VERSION_FIELDS)
         .where(StateVersion.workspace_id == ws.id)
         .order_by(StateVersion.id)
     ).all()

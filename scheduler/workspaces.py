@@ -249,7 +249,7 @@ class Overview:
 def overview(rt: Runtime, name: str) -> Overview:
     """Workspace ``name``: its active task, queue, running plans, lock and
     latest state version, read in one session."""
-    from scheduler.artifacts import StateVersionView
+    from scheduler.artifacts import STATE_VERSION_FIELDS, StateVersionView
     from scheduler.dispatcher import _holder_query
     from scheduler.models import StateVersion, Task
 
@@ -263,15 +263,7 @@ def overview(rt: Runtime, name: str) -> Overview:
             queued = queued.where(Task.type == TaskType.PLAN_AND_APPLY)
         running = mine.where(Task.type == TaskType.PLAN, Task.status.in_([str(x) for x in RUNNING]))
         state = s.execute(
-            select(
-                func.count().over(),
-                StateVersion.serial,
-                StateVersion.lineage,
-                StateVersion.task_id,
-                StateVersion.created_at,
-                StateVersion.size,
-                StateVersion.sha256,
-            )
+            select(func.count().over(), *STATE_VERSION_FIELDS)
             .where(StateVersion.workspace_id == ws.id)
             .order_by(StateVersion.id.desc())
             .limit(1)
