@@ -265,7 +265,7 @@ def _decide(rt: Runtime, s: Session, workspace: str) -> tuple[Decision, Handoff 
     legacy = rt.settings.dispatch_mode is DispatchMode.LEGACY
 
     # Re-read under the lock: what holds the workspace right now?
-    active = s.scalars(_holder_query(legacy), {"ws_id": ws.id}).first()
+    active = s.scalars(holder_query(legacy), {"ws_id": ws.id}).first()
 
     if active is not None:
         if active.status != TaskStatus.APPLY_QUEUED:
@@ -296,7 +296,7 @@ def _decide(rt: Runtime, s: Session, workspace: str) -> tuple[Decision, Handoff 
 
 
 @functools.cache
-def _holder_query(legacy: bool) -> Select[Task]:
+def holder_query(legacy: bool) -> Select[Task]:
     """The task that holds the workspace: in the new mode the active
     plan+apply; in legacy mode any running or active task."""
     holding = ACTIVE_APPLY | RUNNING if legacy else ACTIVE_APPLY
@@ -309,9 +309,11 @@ def _holder_query(legacy: bool) -> Select[Task]:
 
 
 @functools.cache
-def _head_query(legacy: bool, plans_only: bool) -> Select[Task]:
-    """The head of the workspace's queue: the first pending plan+apply (in
-    legacy mode, the first pending task, or plan if ``plans_only``)."""
+def queue_query(legacy: bool, plans_only: bool) -> Select[Task]:
+    """The workspace's queue in the order the dispatcher claims it: pending
+    plan+applies (in legacy mode, every pending task, or only plans if
+    ``plans_only``: a manual lock lets plans by). ``runq show`` and
+    ``runq workspace show`` read the same line."""
     q = select(Task).where(
         Task.workspace_id == bindparam("ws_id"), Task.status == TaskStatus.PENDING
     )
@@ -319,4 +321,10 @@ def _head_query(legacy: bool, plans_only: bool) -> Select[Task]:
         q = q.where(Task.type == TaskType.PLAN_AND_APPLY)
     elif plans_only:
         q = q.where(Task.type == TaskType.PLAN)
-    return q.order_by(Task.queue_seq).limit(1)
+    return q.order_by(Task.queue_seq)
+
+
+@functools.cache
+def _head_query(legacy: bool, plans_only: bool) -> Select[Task]:
+    """The head of the workspace's queue (see :func:`queue_query`)."""
+    return queue_query(legacy, plans_only).limit(1)

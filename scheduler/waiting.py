@@ -18,10 +18,9 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from scheduler.dispatcher import _holder_query
+from scheduler.dispatcher import holder_query, queue_query
 from scheduler.errors import TaskNotFound
 from scheduler.messages import QUEUE_DISPATCH, QUEUE_PLANS, QUEUE_RUNS, QueueDepths
 from scheduler.models import Task, Workspace, task_and_workspace, utcnow
@@ -120,7 +119,7 @@ def explain(
             "(plans take no workspace lock)",
             {"workspace": ws.name},
         )
-    holder = s.scalars(_holder_query(legacy), {"ws_id": ws.id}).first()
+    holder = s.scalars(holder_query(legacy), {"ws_id": ws.id}).first()
     if holder is not None and holder.id != task.id:
         return _queued(s, task, ws, holder, legacy, now)
     # In legacy mode a lock lets plans by; an apply it always holds back.
@@ -250,15 +249,11 @@ def _queued(
 
 def _ahead(s: Session, task: Task, ws: Workspace, legacy: bool) -> list[int]:
     """Ids of the queued tasks the dispatcher claims before ``task``, in
-    order (the filters of :func:`scheduler.dispatcher._head_query`)."""
-    q = select(Task.id).where(
-        Task.workspace_id == ws.id, Task.status == S.PENDING, Task.queue_seq < task.queue_seq
-    )
-    if not legacy:
-        q = q.where(Task.type == TaskType.PLAN_AND_APPLY)
-    elif ws.locked_by is not None and task.type == TaskType.PLAN:
-        q = q.where(Task.type == TaskType.PLAN)  # a locked legacy line lets plans by
-    return list(s.scalars(q.order_by(Task.queue_seq)))
+    order (:func:`scheduler.dispatcher.queue_query`; in a locked legacy line
+    a plan waits only behind plans)."""
+    plans_only = legacy and ws.locked_by is not None and task.type == TaskType.PLAN
+    line = queue_query(legacy, plans_only).where(Task.queue_seq < task.queue_seq)
+    return [t.id for t in s.scalars(line, {"ws_id": ws.id})]
 
 
 def _doing(task: Task, ws: Workspace, now: datetime) -> str:

@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 from scheduler.errors import InvalidInput, WorkspaceExists, WorkspaceNotFound
 from scheduler.models import Workspace, utcnow
 from scheduler.runtime import Runtime
-from scheduler.states import RUNNING, DispatchMode, ExecutionMode, TaskStatus, TaskType, parse
+from scheduler.states import RUNNING, DispatchMode, ExecutionMode, TaskType, parse
 from scheduler.views import TaskView, WorkspaceView
 
 if TYPE_CHECKING:
@@ -250,17 +250,14 @@ def overview(rt: Runtime, name: str) -> Overview:
     """Workspace ``name``: its active task, queue, running plans, lock and
     latest state version, read in one session."""
     from scheduler.artifacts import STATE_VERSION_FIELDS, StateVersionView
-    from scheduler.dispatcher import _holder_query
+    from scheduler.dispatcher import holder_query, queue_query
     from scheduler.models import StateVersion, Task
 
     legacy = rt.settings.dispatch_mode is DispatchMode.LEGACY
     with rt.sessions() as s:
         ws = load(s, name)
-        holder = s.scalars(_holder_query(legacy), {"ws_id": ws.id}).first()
+        holder = s.scalars(holder_query(legacy), {"ws_id": ws.id}).first()
         mine = select(Task).where(Task.workspace_id == ws.id).order_by(Task.queue_seq)
-        queued = mine.where(Task.status == TaskStatus.PENDING)
-        if not legacy:
-            queued = queued.where(Task.type == TaskType.PLAN_AND_APPLY)
         running = mine.where(Task.type == TaskType.PLAN, Task.status.in_([str(x) for x in RUNNING]))
         state = s.execute(
             select(func.count().over(), *STATE_VERSION_FIELDS)
@@ -272,7 +269,10 @@ def overview(rt: Runtime, name: str) -> Overview:
             workspace=WorkspaceView.of(ws),
             dispatch_mode=rt.settings.dispatch_mode,
             active=TaskView.of(holder, name) if holder else None,
-            queue=[TaskView.of(t, name) for t in s.scalars(queued)],
+            queue=[
+                TaskView.of(t, name)
+                for t in s.scalars(queue_query(legacy, False), {"ws_id": ws.id})
+            ],
             running_plans=[
                 TaskView.of(t, name)
                 for t in s.scalars(running)
