@@ -32,7 +32,15 @@ from scheduler.messages import (
     Message,
     RecordingPublisher,
 )
-from scheduler.models import Base, StateVersion, Task, TaskEvent, Workspace, utcnow
+from scheduler.models import (
+    Base,
+    StateVersion,
+    Task,
+    TaskEvent,
+    Workspace,
+    task_and_workspace,
+    utcnow,
+)
 from scheduler.runtime import Runtime
 from scheduler.states import RUNNING, ExecutionMode, Phase, TaskStatus, TaskType, phase_of
 from scheduler.views import EventView, WorkspaceView
@@ -86,11 +94,9 @@ def handoff_for(rt: Runtime, task_id: int, fence: int) -> Handoff:
     """The hand-off of task ``task_id``'s claim under ``fence``, read from the
     database even if that claim is over (a late or duplicated message)."""
     with rt.sessions() as s:
-        task, ws = s.execute(
-            select(Task, Workspace)
-            .join(Workspace, Workspace.id == Task.workspace_id)
-            .where(Task.id == task_id)
-        ).one()
+        found = task_and_workspace(s, task_id)
+        assert found is not None, f"task {task_id} does not exist"
+        task, ws = found
         claimed_as = s.scalars(
             select(TaskEvent.to_status).where(
                 TaskEvent.task_id == task_id,
@@ -339,12 +345,9 @@ def deliver_hint(rt: Runtime, message: Message) -> bool:
 def current_handoff(rt: Runtime, task_id: int) -> Handoff:
     """The hand-off of ``task_id``'s current claim, built from its rows."""
     with rt.sessions() as s:
-        task, ws = s.execute(
-            select(Task, Workspace)
-            .join(Workspace, Workspace.id == Task.workspace_id)
-            .where(Task.id == task_id)
-        ).one()
-        return leases.handoff_of(rt.settings, task, ws)
+        found = task_and_workspace(s, task_id)
+        assert found is not None, f"task {task_id} does not exist"
+        return leases.handoff_of(rt.settings, *found)
 
 
 def interfere_before_claim(rt: Runtime, task_id: int, change: str) -> list[int]:

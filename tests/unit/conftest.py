@@ -1,7 +1,9 @@
-"""Fixtures of the state-machine tests."""
+"""Fixtures of the unit tests."""
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,3 +19,13 @@ def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     upgrade(engine)
     engine.dispose()
     return path
+
+
+@pytest.fixture
+def env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[pytest.MonkeyPatch]:
+    """A clean RUNQ_* environment, in an empty working directory."""
+    for key in list(os.environ):
+        if key.startswith("RUNQ_"):
+            monkeypatch.delenv(key)
+    monkeypatch.chdir(tmp_path)
+    yield monkeypatch

@@ -3,10 +3,7 @@ executor, with its phase durations as settings."""
 
 from __future__ import annotations
 
-import os
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -16,15 +13,6 @@ from executors.fake import FAKE_PLAN, FakeRunner, bundle_of
 from executors.local import PhaseRunner
 from scheduler.settings import ExecutorKind, Settings
 from scheduler.states import ExecutionMode, Phase
-
-
-@pytest.fixture
-def env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[pytest.MonkeyPatch]:
-    for key in list(os.environ):
-        if key.startswith("RUNQ_"):
-            monkeypatch.delenv(key)
-    monkeypatch.chdir(tmp_path)
-    yield monkeypatch
 
 
 def test_terraform_by_default(env: pytest.MonkeyPatch) -> None:

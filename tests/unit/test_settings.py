@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -11,16 +9,6 @@ from pydantic import ValidationError
 
 from scheduler.settings import Settings
 from scheduler.states import DispatchMode
-
-
-@pytest.fixture
-def env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[pytest.MonkeyPatch]:
-    """A clean RUNQ_* environment, in an empty working directory."""
-    for key in list(os.environ):
-        if key.startswith("RUNQ_"):
-            monkeypatch.delenv(key)
-    monkeypatch.chdir(tmp_path)
-    yield monkeypatch
 
 
 def test_defaults(env: pytest.MonkeyPatch, tmp_path: Path) -> None:
