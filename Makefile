@@ -11,7 +11,7 @@ BENCH_STAMP := $(VENV)/.bench-installed
 export CHECKPOINT_DISABLE := 1
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: demo test check lint typecheck unit integration scenario faults compose-test bench bench-quick install tools clean
+.PHONY: demo test check lint typecheck unit integration scenario faults compose-test bench bench-quick flower-screenshot install tools clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,13 +22,18 @@ $(STAMP): pyproject.toml
 install: $(STAMP) tools
 
 # Debian's docker-compose (the v1 CLI, with the Compose spec's JSON schema)
-# for the compose file's checks in `make test`; installed where we are root,
-# else those checks skip and say why.
+# for the compose file's checks, and Debian's chromium for the Flower browser
+# test and PNG timelines, in `make test`; installed where we are root, else
+# those tests skip and say why.
 tools:
 	@command -v docker-compose >/dev/null 2>&1 || [ "$$(id -u)" != 0 ] || \
 	  { apt-get install -y -qq --no-install-recommends docker-compose >/dev/null 2>&1 || \
 	    { apt-get update -qq && apt-get install -y -qq --no-install-recommends docker-compose >/dev/null; }; } || \
 	  echo "make: could not install docker-compose; the compose config checks will skip"
+	@command -v chromium >/dev/null 2>&1 || [ "$$(id -u)" != 0 ] || \
+	  { apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1 || \
+	    { apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium >/dev/null; }; } || \
+	  echo "make: could not install chromium; the browser tests will skip"
 
 demo: $(STAMP)
 	$(BIN)/runq demo
@@ -84,6 +89,11 @@ bench: $(BENCH_STAMP)
 
 bench-quick: $(BENCH_STAMP)
 	$(BIN)/python -m bench.run --quick
+
+# The README's Flower picture: the browser test's screenshot of Flower's task
+# list after a plan, a plan+apply and a failing plan ran on a real worker.
+flower-screenshot: $(STAMP) tools
+	RUNQ_FLOWER_SCREENSHOT=docs/flower-tasks.png $(BIN)/pytest -q tests/scenario/test_flower.py
 
 clean:
 	rm -rf $(VENV) .runq .pytest_cache .mypy_cache .ruff_cache

@@ -25,6 +25,7 @@ from celery_app.config import durable_queue, worker_config
 from celery_app.prefetch import ExecuteRequest, HoldRunSlots
 from executors import remote, signing
 from executors.base import Bundle
+from executors.outcome import MessageRejected, PhaseFailed, Watched
 from scheduler.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -46,8 +47,13 @@ def configure(settings: Settings, pool: str, capacity: int, ident: str) -> None:
     )
 
 
-@app.task(name=remote.TASK_AGENT_RUN, acks_late=False, Request=ExecuteRequest)
-def run(envelope: Any, meta: Any = None) -> None:
+@app.task(
+    name=remote.TASK_AGENT_RUN,
+    acks_late=False,
+    Request=ExecuteRequest,
+    throws=(PhaseFailed, MessageRejected),
+)
+def run(envelope: Any, meta: Any = None) -> str:
     """Run one phase. acks_late is off for the reasons it is on ``execute``:
     a claim whose agent died before it started is the reconciler's to
     re-send; one that started is covered by its lease; and RabbitMQ would
@@ -65,11 +71,11 @@ def run(envelope: Any, meta: Any = None) -> None:
             exc,
             extra={"action": "handoff_rejected"},
         )
-        return
+        raise MessageRejected(f"hand-off rejected on pool {pool}: {exc}") from None
     h = bundle.handoff
     if h.agent_pool != pool:
         log.warning("rejected a hand-off for pool %s on pool %s", h.agent_pool, pool)
-        return
+        raise MessageRejected(f"hand-off for pool {h.agent_pool} rejected on pool {pool}")
     from executors import runner_for
 
     reporter = remote.BrokerReporter.of(
@@ -78,10 +84,13 @@ def run(envelope: Any, meta: Any = None) -> None:
         pool,
         signing.run_key(settings.agent_token, h.task_id, h.fence),
     )
+    watched = Watched(reporter)
     try:
-        runner_for(settings, kind=f"agent:{_state['id']}").run(bundle, reporter)
+        runner_for(settings, kind=f"agent:{_state['id']}").run(bundle, watched)
     finally:
         reporter.close()
+    # Flower shows this as the task's result, or its failure.
+    return watched.outcome(h)
 
 
 def _running() -> list[dict[str, Any]]:

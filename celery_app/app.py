@@ -121,9 +121,10 @@ def _start_reconciler(**_: Any) -> None:
 
 
 def _reconcile_forever() -> None:
+    import contextlib
     import time
 
-    from celery_app.tasks import _guarded
+    from celery_app.tasks import EXPECTED, _guarded
     from scheduler import reconciler
 
     global _runtime  # noqa: PLW0603
@@ -133,7 +134,9 @@ def _reconcile_forever() -> None:
     first = True
     while True:
         started = time.monotonic()
-        _guarded("reconcile", reconciler.sweep)
+        # A failed sweep was logged by _guarded; the next one tries again.
+        with contextlib.suppress(*EXPECTED):
+            _guarded("reconcile", lambda rt: reconciler.sweep(rt).summary())
         # One line a sweep (every 30 s by default): when beat was alive.
         log.info(
             "reconciler: swept in %.2fs%s",

@@ -31,12 +31,19 @@ class CeleryPublisher:
         from kombu.exceptions import OperationalError
 
         try:
-            result = self.app.send_task(message.task, args=list(message.args), queue=message.queue)
+            # argsrepr: what Flower shows as the task's arguments.
+            result = self.app.send_task(
+                message.task,
+                args=list(message.args),
+                queue=message.queue,
+                argsrepr=message.describe(),
+            )
         except OperationalError as exc:
             cause = exc.__cause__ or exc.__context__ or exc
             why = str(exc) or f"{type(cause).__name__} {cause}".strip()
             raise OperationalError(
-                f"the broker did not take {message.task}{message.args} for {message.queue} "
+                f"the broker did not take {message.task} ({message.describe()}) "
+                f"for {message.queue} "
                 f"({self.app.connection_for_write().as_uri()}): {why}"
             ) from exc
         return str(result.id)

@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy.exc import DBAPIError
 
 from celery_app.app import app, runtime
 from celery_app.prefetch import ExecuteRequest
+from executors.outcome import MessageRejected, PhaseFailed
 from scheduler import dispatcher, local_runs, reconciler
 from scheduler.errors import InvalidInput
 from scheduler.messages import (
@@ -35,6 +36,7 @@ from scheduler.reports import is_transient
 from scheduler.runtime import Runtime
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def _transient(exc: BaseException) -> bool:
@@ -48,41 +50,67 @@ def _transient(exc: BaseException) -> bool:
     return isinstance(exc, RedisConnectionError | RedisTimeoutError | BrokerError)
 
 
-def _guarded(what: str, fn: Callable[[Runtime], object]) -> None:
-    """Run ``fn``; log a failure instead of raising.
+class Deferred(Exception):
+    """A failure that may pass (the database, Redis or the broker was away);
+    the reconciler re-sends what is still owed."""
+
+
+class TaskFailed(Exception):
+    """Anything else: a bug, logged with its traceback."""
+
+
+#: What a runq task may raise on purpose. Each still ends the task as a
+#: FAILURE in Flower and in Celery's events, with its message as the reason;
+#: Celery logs it in one line at INFO (we logged it already), where an
+#: unexpected exception would be logged again, traceback and all, at ERROR.
+EXPECTED = (PhaseFailed, MessageRejected, Deferred, TaskFailed)
+
+
+def _guarded(what: str, fn: Callable[[Runtime], str]) -> str:
+    """Run ``fn`` and return its one-line outcome, which Flower shows as the
+    task's result; a failure is logged, then raised as one of
+    :data:`EXPECTED`, so Flower counts it as one and says why.
 
     A failed hint is not retried here (no countdowns: the database is the
     queue). A transient failure is left to the reconciler, which re-sends
     what is still owed; anything else is a rejection or a bug, said as such.
     """
     try:
-        _retry_lost_connection(what, lambda: fn(runtime()))
+        return _retry_lost_connection(what, lambda: fn(runtime()))
+    except PhaseFailed:
+        raise  # the phase's own report said why; the task ran as it should
     except InvalidInput as exc:
         log.warning(
             "%s rejected: %s", what, exc, extra={"action": "message_rejected", "what": what}
         )
+        raise MessageRejected(f"{what} rejected: {exc}") from None
     except Exception as exc:
         if not _transient(exc):
             log.exception("%s failed", what, extra={"action": "task_error", "what": what})
-            return
+            raise TaskFailed(f"{what} failed: {type(exc).__name__}: {exc}") from exc
+        first_line = str(exc).splitlines()[0] if str(exc) else ""
         log.error(  # noqa: TRY400 - one line; the traceback only at DEBUG
             "%s failed on %s (%s); the reconciler will re-send what is still owed",
             what,
             type(exc).__name__,
-            str(exc).splitlines()[0] if str(exc) else "",
+            first_line,
             exc_info=log.isEnabledFor(logging.DEBUG),
             extra={"action": "task_error", "what": what},
         )
+        raise Deferred(
+            f"{what}: {type(exc).__name__} ({first_line}); "
+            "the reconciler will re-send what is still owed"
+        ) from None
 
 
-def _retry_lost_connection(what: str, call: Callable[[], object]) -> None:
+def _retry_lost_connection(what: str, call: Callable[[], T]) -> T:
     """``call()``, once more if it failed on a connection the server had
     dropped (pools do not pre-ping: see scheduler.db.make_engine). The
     failure invalidated the pool, so the second try gets a fresh one. Safe
     because every task re-reads the database before it acts: a claim that
     committed before the failure is found claimed, and skipped."""
     try:
-        call()
+        return call()
     except DBAPIError as exc:
         if not exc.connection_invalidated:
             raise
@@ -92,18 +120,19 @@ def _retry_lost_connection(what: str, call: Callable[[], object]) -> None:
             type(exc.orig).__name__,
             extra={"action": "db_reconnect", "what": what},
         )
-        call()
+        return call()
 
 
-def _args(what: str, check: Callable[[], object]) -> bool:
+def _check(what: str, check: Callable[[], object]) -> None:
+    """Check a message's arguments before anything runs; a bad one is
+    logged and raised as :class:`MessageRejected` (never retried)."""
     try:
         check()
     except InvalidInput as exc:
         log.warning(
             "%s rejected: %s", what, exc, extra={"action": "message_rejected", "what": what}
         )
-        return False
-    return True
+        raise MessageRejected(f"{what} rejected: {exc}") from None
 
 
 #: A local-mode plan is claimed and run right here (one hop, see
@@ -111,16 +140,18 @@ def _args(what: str, check: Callable[[], object]) -> bool:
 #: ``execute`` does, and is acknowledged the same way (see its note below).
 #: A worker that dies between the ack and the claim's commit loses the hint:
 #: the task is still pending, and the reconciler re-sends it.
-@app.task(name=TASK_CLAIM_PLAN, acks_late=False, Request=ExecuteRequest)
-def claim_plan(task_id: Any) -> None:
-    if _args("claim_plan", lambda: check_id(task_id, "task id")):
-        _guarded(f"claim_plan({task_id})", lambda rt: local_runs.run_plan(rt, task_id))
+@app.task(name=TASK_CLAIM_PLAN, acks_late=False, Request=ExecuteRequest, throws=EXPECTED)
+def claim_plan(task_id: Any) -> str:
+    _check("claim_plan", lambda: check_id(task_id, "task id"))
+    return _guarded(f"claim_plan({task_id})", lambda rt: local_runs.run_plan(rt, task_id).outcome())
 
 
-@app.task(name=TASK_DISPATCH, acks_late=True, reject_on_worker_lost=True)
-def dispatch(workspace: Any) -> None:
-    if _args("dispatch", lambda: check_workspace(workspace)):
-        _guarded(f"dispatch({workspace})", lambda rt: dispatcher.dispatch(rt, workspace))
+@app.task(name=TASK_DISPATCH, acks_late=True, reject_on_worker_lost=True, throws=EXPECTED)
+def dispatch(workspace: Any) -> str:
+    _check("dispatch", lambda: check_workspace(workspace))
+    return _guarded(
+        f"dispatch({workspace})", lambda rt: dispatcher.dispatch(rt, workspace).summary()
+    )
 
 
 #: acks_late is off: a re-delivered message could do no harm (the start is a
@@ -134,15 +165,14 @@ def dispatch(workspace: Any) -> None:
 #: its ``consumer_timeout`` (30 min by default), and a phase may run for
 #: hours. The early ack frees a prefetch slot while terraform still runs;
 #: ExecuteRequest keeps it held (celery_app.prefetch).
-@app.task(name=TASK_EXECUTE, acks_late=False, Request=ExecuteRequest)
-def execute(task_id: Any, fence: Any = None) -> None:
+@app.task(name=TASK_EXECUTE, acks_late=False, Request=ExecuteRequest, throws=EXPECTED)
+def execute(task_id: Any, fence: Any = None) -> str:
     # Named only once checked: a raw argument may be megabytes long.
-    if not _args("execute", lambda: (check_id(task_id, "task id"), check_id(fence, "fence"))):
-        return
+    _check("execute", lambda: (check_id(task_id, "task id"), check_id(fence, "fence")))
     what = f"execute(task {task_id}, fence {fence})"
-    _guarded(what, lambda rt: local_runs.execute(rt, task_id, fence))
+    return _guarded(what, lambda rt: local_runs.execute(rt, task_id, fence).outcome())
 
 
-@app.task(name=TASK_RECONCILE, acks_late=True)
-def reconcile() -> None:
-    _guarded("reconcile", reconciler.sweep)
+@app.task(name=TASK_RECONCILE, acks_late=True, throws=EXPECTED)
+def reconcile() -> str:
+    return _guarded("reconcile", lambda rt: reconciler.sweep(rt).summary())

@@ -7,9 +7,10 @@ import logging
 import os
 import secrets
 import socket
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 from executors.base import Bundle, Finished, PhaseResult, Runner, Started
+from executors.outcome import PhaseFailed, Watched
 from scheduler import bundles, dispatcher, leases
 from scheduler.errors import ConcurrentChange, InvalidInput
 from scheduler.reports import DirectReporter
@@ -19,8 +20,34 @@ from scheduler.states import ExecutionMode
 log = logging.getLogger(__name__)
 
 
-def execute(rt: Runtime, task_id: int, fence: int, runner: Runner | None = None) -> Bundle | None:
-    """Run claim ``fence`` of ``task_id`` here; None if it is not ours to run.
+@dataclass(frozen=True)
+class Ran:
+    """A phase this worker ran, and the reports it made on the way."""
+
+    bundle: Bundle
+    watched: Watched
+
+    def outcome(self) -> str:
+        """How it ended, in a line; :class:`PhaseFailed` if it failed."""
+        return self.watched.outcome(self.bundle.handoff)
+
+
+@dataclass(frozen=True)
+class Note:
+    """Why nothing ran in this worker: a stale or duplicate hint, a plan
+    handed off to its pool, or (``failed``) a claim that can never run."""
+
+    text: str
+    failed: bool = False
+
+    def outcome(self) -> str:
+        if self.failed:
+            raise PhaseFailed(self.text)
+        return self.text
+
+
+def execute(rt: Runtime, task_id: int, fence: int, runner: Runner | None = None) -> Ran | Note:
+    """Run claim ``fence`` of ``task_id`` here, or say why not.
 
     Everything the phase needs is read from the database, so any worker on
     any host can run it: no disk is shared between the plan and the apply.
@@ -39,7 +66,7 @@ def execute(rt: Runtime, task_id: int, fence: int, runner: Runner | None = None)
                 raise ConcurrentChange(f"task {task_id} was started meanwhile")
     except bundles.Unrunnable as exc:
         fail(rt, exc)
-        return None
+        return Note(f"task {task_id}, fence {fence}: cannot run: {exc}", failed=True)
     except ConcurrentChange as exc:
         log.info(
             "execute(task %s, fence %s) skipped: %s (late, duplicate or forged)",
@@ -48,7 +75,7 @@ def execute(rt: Runtime, task_id: int, fence: int, runner: Runner | None = None)
             exc,
             extra={"action": "execute_skipped", "task_id": task_id},
         )
-        return None
+        return Note(f"task {task_id}, fence {fence}: skipped: {exc} (late, duplicate or forged)")
     log.info(
         "task %s %s started on %s",
         task_id,
@@ -61,8 +88,9 @@ def execute(rt: Runtime, task_id: int, fence: int, runner: Runner | None = None)
 
         runner = runner_for(rt.settings)
     bundle = replace(bundle, started=handle)
-    runner.run(bundle, DirectReporter(rt))
-    return bundle
+    watched = Watched(DirectReporter(rt))
+    runner.run(bundle, watched)
+    return Ran(bundle, watched)
 
 
 def _new_handle() -> str:
@@ -70,10 +98,10 @@ def _new_handle() -> str:
     return f"local:{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
 
 
-def run_plan(rt: Runtime, task_id: int, runner: Runner | None = None) -> Bundle | None:
+def run_plan(rt: Runtime, task_id: int, runner: Runner | None = None) -> Ran | Note:
     """Claim plan task ``task_id`` and run it in this worker, if it is a
     local-mode plan; anything else is claimed and handed off as
-    :func:`scheduler.dispatcher.claim_plan` does. Returns the bundle run.
+    :func:`scheduler.dispatcher.claim_plan` does.
 
     A local plan needs no second broker hop: the claim, its start and its
     bundle are one transaction, and terraform starts right after the commit.
@@ -82,15 +110,17 @@ def run_plan(rt: Runtime, task_id: int, runner: Runner | None = None) -> Bundle 
     decision = dispatcher.claim_plan(rt, task_id, start_as=handle)
     if decision.unrunnable is not None:
         fail(rt, decision.unrunnable, started=handle)
-        return None
+        return Note(f"task {task_id}: plan cannot run: {decision.unrunnable}", failed=True)
     if decision.bundle is None:
-        return None
+        # Handed off to an agent pool or a Job, or a stale hint.
+        return Note(decision.summary())
     if runner is None:
         from executors import runner_for
 
         runner = runner_for(rt.settings)
-    runner.run(decision.bundle, DirectReporter(rt))
-    return decision.bundle
+    watched = Watched(DirectReporter(rt))
+    runner.run(decision.bundle, watched)
+    return Ran(decision.bundle, watched)
 
 
 def fail(rt: Runtime, exc: bundles.Unrunnable, *, started: str | None = None) -> None:

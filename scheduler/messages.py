@@ -8,7 +8,7 @@ lost message delays work and a duplicated one does nothing.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 from scheduler.errors import InvalidInput
@@ -33,14 +33,25 @@ class Message:
     queue: str
     #: JSON-serializable positional arguments (the broker speaks JSON only).
     args: tuple[Any, ...] = ()
+    #: What the message is about, in words: Flower shows it in place of the
+    #: arguments (Celery's ``argsrepr``), and logs use it. Not compared, so
+    #: the same hint described twice is still one hint.
+    label: str = field(default="", compare=False)
+
+    def describe(self) -> str:
+        """The label, or the arguments cut short: an agent's hand-off carries
+        a sealed bundle (configuration and state) that must not be copied
+        into Flower or a log line."""
+        return self.label or _brief(self.args)
 
 
-def claim_plan(task_id: int) -> Message:
-    return Message(TASK_CLAIM_PLAN, QUEUE_PLANS, (task_id,))
+def claim_plan(task_id: int, workspace: str | None = None) -> Message:
+    where = f" in {workspace}" if workspace else ""
+    return Message(TASK_CLAIM_PLAN, QUEUE_PLANS, (task_id,), f"task {task_id}: plan{where}")
 
 
 def dispatch(workspace: str) -> Message:
-    return Message(TASK_DISPATCH, QUEUE_DISPATCH, (workspace,))
+    return Message(TASK_DISPATCH, QUEUE_DISPATCH, (workspace,), f"workspace {workspace}")
 
 
 def check_id(value: object, what: str) -> int:

@@ -80,10 +80,10 @@ def publish_logged(publisher: Publisher, message: Message) -> None:
         # Usually the broker is unreachable: one line says so; the
         # traceback is for -vv / DEBUG.
         log.error(  # noqa: TRY400 - the traceback only at DEBUG, see above
-            "publishing %s%s failed after commit (%s: %s); the work is saved "
+            "publishing %s (%s) failed after commit (%s: %s); the work is saved "
             "and the reconciler will re-send it",
             message.task,
-            message.args,
+            message.describe(),
             type(exc).__name__,
             exc,
             exc_info=log.isEnabledFor(logging.DEBUG),

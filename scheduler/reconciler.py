@@ -74,6 +74,11 @@ class Sweep:
     def busy(self) -> bool:
         return any(v for k, v in asdict(self).items() if k != "waiting_for_agents")
 
+    def summary(self) -> str:
+        """One line for the Celery task's result (what Flower shows)."""
+        done = [f"{k.replace('_', ' ')} {len(v)}" for k, v in asdict(self).items() if v]
+        return ", ".join(done) or "nothing owed"
+
 
 def sweep(rt: Runtime) -> Sweep:
     now = utcnow()
@@ -98,7 +103,7 @@ def sweep(rt: Runtime) -> Sweep:
     if out.busy:
         log.info(
             "reconciler: %s",
-            ", ".join(f"{k} {len(v)}" for k, v in asdict(out).items() if v),
+            out.summary(),
             extra={"action": "reconcile", **asdict(out)},
         )
     return out

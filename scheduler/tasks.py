@@ -120,7 +120,7 @@ def _submit(
         )
     )
     if kind is TaskType.PLAN and rt.settings.dispatch_mode is DispatchMode.NEW:
-        outbox.add(s, messages.claim_plan(task.id))
+        outbox.add(s, messages.claim_plan(task.id, workspace))
     else:
         outbox.add(s, messages.dispatch(workspace))
     s.flush()

@@ -388,9 +388,9 @@ def worker() -> None:
     task_id, fence = int(sys.argv[1]), int(sys.argv[2])
     rt = Runtime(Settings(), RecordingPublisher(), actor=f"test-worker:{os.getpid()}")
     try:
-        bundle = local_runs.execute(rt, task_id, fence)
-        if bundle is None:
-            raise SystemExit(f"execute({task_id}, {fence}) was not runnable")
+        ran = local_runs.execute(rt, task_id, fence)
+        if not isinstance(ran, local_runs.Ran):
+            raise SystemExit(f"execute({task_id}, {fence}) was not runnable: {ran.text}")
     finally:
         rt.close()
 

@@ -114,7 +114,7 @@ def test_a_refused_message_raises_a_clear_error(
             break
         assert time.monotonic() < deadline, "the broker never refused a message"
         time.sleep(0.2)
-    assert "did not take runq.claim_plan(2,) for runq.plans" in error
+    assert "did not take runq.claim_plan (task 2: plan) for runq.plans" in error
     assert "MessageNacked" in error
     assert "guest:**@" in error  # the broker is named, its password is not
     # Without confirms the publish would have returned and the message been

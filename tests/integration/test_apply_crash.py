@@ -94,7 +94,8 @@ class Rig:
         return runs
 
     def run_here(self, task_id: int, fence: int) -> TaskView:
-        assert local_runs.execute(self.rt, task_id, fence) is not None, "not runnable"
+        ran = local_runs.execute(self.rt, task_id, fence)
+        assert isinstance(ran, local_runs.Ran), ran
         return tasks.get(self.rt, task_id)
 
     def output(self, task_id: int, phase: str) -> str:

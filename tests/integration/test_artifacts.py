@@ -310,7 +310,8 @@ def test_an_apply_without_its_saved_plan_is_not_run(rt: Runtime, ws: str) -> Non
         bundles.build(s, rt.settings, tid, decision.fence)
     # A worker given it fails it at once, saying why (not after every re-send).
     runner = FakeRunner()
-    assert local_runs.execute(rt, tid, decision.fence, runner) is None
+    note = local_runs.execute(rt, tid, decision.fence, runner)
+    assert isinstance(note, local_runs.Note) and note.failed, note
     assert runner.ran == []
     view = tasks.get(rt, tid)
     assert view.status is TaskStatus.FAILED
@@ -325,7 +326,8 @@ def test_a_pre_upgrade_task_whose_directory_is_gone_fails_clearly(
         s.execute(update(Task).where(Task.id == tid).values(config_version_id=None))
     src.rmdir()
     runner = FakeRunner()
-    assert local_runs.execute(rt, tid, f, runner) is None
+    note = local_runs.execute(rt, tid, f, runner)
+    assert isinstance(note, local_runs.Note) and note.failed, note
     assert runner.ran == []
     view = tasks.get(rt, tid)
     assert view.status is TaskStatus.FAILED

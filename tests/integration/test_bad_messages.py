@@ -20,6 +20,7 @@ from redis import Redis
 
 from celery_app import tasks as celery_tasks
 from celery_app.app import runtime, use_settings
+from executors.outcome import MessageRejected
 from scheduler import tasks
 from scheduler.runtime import Runtime
 from scheduler.settings import Settings
@@ -80,12 +81,24 @@ def world(rt: Runtime, ws: str, worker: Runtime, tmp_path: Path) -> dict[str, in
     }
 
 
-def unchanged(rt: Runtime, caplog: Any, call: Any) -> list[logging.LogRecord]:
-    """Run ``call``; check it wrote nothing and sent nothing; return its logs."""
+def unchanged(
+    rt: Runtime, caplog: Any, call: Any, *, rejects: bool = False
+) -> list[logging.LogRecord]:
+    """Run ``call``; check it wrote nothing and sent nothing; return its logs.
+    ``rejects``: the task must fail with MessageRejected (Flower shows it as
+    a FAILURE) saying what its log line says."""
     before = (everything(rt), broker(rt))
     caplog.clear()
     with caplog.at_level(logging.INFO):
-        call()
+        if rejects:
+            with pytest.raises(MessageRejected) as info:
+                call()
+            (line,) = [
+                r for r in caplog.records if getattr(r, "action", None) == "message_rejected"
+            ]
+            assert str(info.value) == line.getMessage()
+        else:
+            call()
     assert (everything(rt), broker(rt)) == before
     return list(caplog.records)
 
@@ -112,7 +125,7 @@ def test_claim_plan_with_a_malformed_id_is_rejected(
     rt: Runtime, world: dict[str, int], caplog: Any
 ) -> None:
     for bad in BAD_IDS:
-        logs = unchanged(rt, caplog, lambda bad=bad: celery_tasks.claim_plan.run(bad))
+        logs = unchanged(rt, caplog, lambda bad=bad: celery_tasks.claim_plan.run(bad), rejects=True)
         text = rejected(logs, "claim_plan rejected: task id must be a non-negative integer")
         assert brief(bad)[:20] in text, text
 
@@ -122,7 +135,7 @@ def test_dispatch_with_a_malformed_workspace_is_rejected(
 ) -> None:
     bad_names = [123, None, True, "", "has space", "../../etc/passwd", "x" * 201, "ws;rm"]
     for bad in [*bad_names, ["net"], HUGE]:
-        logs = unchanged(rt, caplog, lambda bad=bad: celery_tasks.dispatch.run(bad))
+        logs = unchanged(rt, caplog, lambda bad=bad: celery_tasks.dispatch.run(bad), rejects=True)
         rejected(logs, "dispatch rejected: workspace must be a workspace name")
         assert rt.redis.keys("runq:*") == [], "no lock taken, no dirty mark left"
 
@@ -146,7 +159,9 @@ def test_execute_with_malformed_arguments_is_rejected(
         (started, HUGE),
     ]
     for task_id, fence in cases:
-        logs = unchanged(rt, caplog, lambda t=task_id, f=fence: celery_tasks.execute.run(t, f))
+        logs = unchanged(
+            rt, caplog, lambda t=task_id, f=fence: celery_tasks.execute.run(t, f), rejects=True
+        )
         text = rejected(logs, "execute rejected: ")
         assert "must be a non-negative integer" in text, text
 
@@ -155,7 +170,7 @@ def test_execute_without_a_fence_argument_is_rejected(
     rt: Runtime, world: dict[str, int], caplog: Any
 ) -> None:
     # An old-style or hand-made message: the task id alone.
-    logs = unchanged(rt, caplog, lambda: celery_tasks.execute.run(world["started"]))
+    logs = unchanged(rt, caplog, lambda: celery_tasks.execute.run(world["started"]), rejects=True)
     assert "message_rejected" in [getattr(r, "action", None) for r in logs]
 
 

@@ -33,6 +33,7 @@ from sqlalchemy import select
 
 from celery_app import agent as agent_app
 from executors import remote
+from executors.outcome import PhaseFailed
 from scheduler import artifacts, dispatcher, local_runs, pools, tasks, workspaces
 from scheduler import remote as server
 from scheduler.messages import TASK_EXECUTE, RecordingPublisher
@@ -79,6 +80,9 @@ class Cluster:
         self.api: Any = None
         self.pool: str | None = None
         self.token = ""
+        #: What each phase's Celery task ended with (Flower's result), or
+        #: the PhaseFailed it raised; k8s Jobs report no such thing.
+        self.outcomes: list[str | PhaseFailed] = []
 
     def workspace(self, name: str, config: str, *, auto_apply: bool = True) -> str:
         src = self.root / "src" / name
@@ -107,7 +111,13 @@ class Cluster:
     def run_agent_message(self, args: tuple[Any, ...]) -> None:
         # The task's own function, as an agent's pool process calls it
         # (Celery's call wrapper keeps per-thread state this test lacks).
-        agent_app.run.run(*args)
+        self.outcome(lambda: agent_app.run.run(*args))
+
+    def outcome(self, call: Callable[[], str]) -> None:
+        try:
+            self.outcomes.append(call())
+        except PhaseFailed as exc:
+            self.outcomes.append(exc)
 
     def jobs(self) -> list[str]:
         from kubernetes.client.exceptions import ApiException
@@ -151,7 +161,7 @@ class Cluster:
             if deliver_hint(self.rt, message):
                 pass
             elif message.task == TASK_EXECUTE:
-                local_runs.execute(self.rt, *message.args)
+                self.outcome(local_runs.execute(self.rt, *message.args).outcome)
             elif message.task == remote.TASK_AGENT_RUN:
                 self.run_agent_message(message.args)
             return True
@@ -277,6 +287,11 @@ def test_plan_then_apply(cluster: Cluster) -> None:
     # Handles name where each phase ran, by mode.
     prefix = {"local": "local:", "agent": "agent:agent-0", "k8s": "k8s:"}[cluster.mode]
     assert (done.executor_handle or "").startswith(prefix), done.executor_handle
+    if cluster.mode != "k8s":  # each phase's Celery task says what it did
+        assert cluster.outcomes == [
+            f"task {t.id}: plan in net, fence 1: planned, +1 ~0 -0",
+            f"task {t.id}: apply in net, fence 2: applied",
+        ]
 
 
 def artifacts_log(rt: Runtime, task_id: int, phase: str) -> str:
@@ -292,6 +307,11 @@ def test_a_failing_plan(cluster: Cluster) -> None:
     assert done.status is TaskStatus.FAILED
     assert "terraform init exited 1" in (done.error or ""), done.error
     assert runs_of(cluster, "apply") == []
+    if cluster.mode != "k8s":  # the phase's Celery task failed too, saying why
+        (failed,) = cluster.outcomes
+        assert isinstance(failed, PhaseFailed), failed
+        assert str(failed).startswith(f"task {t.id}: plan in broken, fence 1: failed: ")
+        assert "terraform init exited 1" in str(failed)
 
 
 def test_a_stale_report_is_refused_and_runs_nothing(cluster: Cluster) -> None:

@@ -21,14 +21,14 @@ def test_a_worker_set_to_fake_runs_plan_and_apply_without_terraform(rt: Runtime,
     )
     try:
         tid, fence = claimed(rt, ws, TaskType.PLAN_AND_APPLY)
-        bundle = local_runs.execute(fake, tid, fence)
-        assert bundle is not None and bundle.handoff.phase is Phase.PLAN
+        ran = local_runs.execute(fake, tid, fence)
+        assert isinstance(ran, local_runs.Ran) and ran.bundle.handoff.phase is Phase.PLAN
         assert tasks.get(rt, tid).status is TaskStatus.APPLY_PENDING
         tasks.confirm(rt, tid)
         decision = dispatcher.dispatch(rt, ws)
         assert decision.claimed and decision.fence is not None
-        bundle = local_runs.execute(fake, tid, decision.fence)
-        assert bundle is not None and bundle.handoff.phase is Phase.APPLY
+        ran = local_runs.execute(fake, tid, decision.fence)
+        assert isinstance(ran, local_runs.Ran) and ran.bundle.handoff.phase is Phase.APPLY
         assert tasks.get(rt, tid).status is TaskStatus.APPLIED
     finally:
         fake.close()
@@ -37,5 +37,5 @@ def test_a_worker_set_to_fake_runs_plan_and_apply_without_terraform(rt: Runtime,
 def test_an_explicit_runner_still_wins(rt: Runtime, ws: str) -> None:
     tid, fence = claimed(rt, ws, TaskType.PLAN)
     runner = FakeRunner()
-    assert local_runs.execute(rt, tid, fence, runner) is not None
+    assert isinstance(local_runs.execute(rt, tid, fence, runner), local_runs.Ran)
     assert [h.task_id for h in runner.ran] == [tid]

@@ -94,9 +94,9 @@ class Pump:
                 pass
             elif message.task == TASK_EXECUTE:
                 task_id, fence = message.args  # only these travel
-                bundle = local_runs.execute(self.rt, task_id, fence)
-                assert bundle is not None, f"execute{message.args} was not runnable"
-                self.handoffs.append(bundle.handoff)
+                ran = local_runs.execute(self.rt, task_id, fence)
+                assert isinstance(ran, local_runs.Ran), f"execute{message.args}: {ran}"
+                self.handoffs.append(ran.bundle.handoff)
             else:
                 raise AssertionError(f"unexpected message {message}")
 

@@ -9,10 +9,12 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import pytest
 from sqlalchemy import update
 
 from executors.base import PhaseResult
 from executors.fake import FakeRunner
+from executors.outcome import PhaseFailed
 from scheduler import local_runs, tasks
 from scheduler.messages import TASK_CLAIM_PLAN, TASK_DISPATCH, TASK_EXECUTE, RecordingPublisher
 from scheduler.models import Task
@@ -53,15 +55,16 @@ def test_a_local_plan_is_claimed_started_and_run_in_one_hop(rt: Runtime, ws: str
     assert [m.task for m in recorder(rt).sent] == [TASK_CLAIM_PLAN]
     runner = FakeRunner(script=lambda _h: PLAN_NO_CHANGES)
 
-    bundle = local_runs.run_plan(rt, plan.id, runner)
+    ran = local_runs.run_plan(rt, plan.id, runner)
 
-    assert bundle is not None and bundle.started is not None
+    assert isinstance(ran, local_runs.Ran) and ran.bundle.started is not None
+    assert ran.outcome() == f"task {plan.id}: plan in {ws}, fence 1: planned, no changes"
     assert [h.task_id for h in runner.ran] == [plan.id]
     assert executes(rt) == [], "no second hop: nothing was handed off"
     view = tasks.get(rt, plan.id)
     assert view.status is S.SUCCESS
     # Claimed and started by one UPDATE: the executor is the claimer.
-    assert view.executor_handle == bundle.started
+    assert view.executor_handle == ran.bundle.started
     assert view.executor_handle.startswith("local:")
     assert view.phase_started_at is not None
     assert chain(rt, plan.id) == [
@@ -74,8 +77,10 @@ def test_a_local_plan_is_claimed_started_and_run_in_one_hop(rt: Runtime, ws: str
 def test_a_duplicate_claim_runs_nothing(rt: Runtime, ws: str) -> None:
     plan = tasks.submit(rt, ws, TaskType.PLAN)
     first, second = FakeRunner(duration=0), FakeRunner(duration=0)
-    assert local_runs.run_plan(rt, plan.id, first) is not None
-    assert local_runs.run_plan(rt, plan.id, second) is None
+    assert isinstance(local_runs.run_plan(rt, plan.id, first), local_runs.Ran)
+    note = local_runs.run_plan(rt, plan.id, second)
+    assert isinstance(note, local_runs.Note) and not note.failed
+    assert note.outcome() == f"{ws}: skipped task {plan.id} (already success (late or duplicate))"
     assert (len(first.ran), second.ran) == (1, [])
     assert chain(rt, plan.id).count(("pending", "planning")) == 1
 
@@ -85,12 +90,12 @@ def test_a_plan_and_apply_or_a_legacy_plan_is_not_run_by_the_plan_path(
 ) -> None:
     pa = tasks.submit(rt, ws, PA)
     runner = FakeRunner()
-    assert local_runs.run_plan(rt, pa.id, runner) is None
+    assert isinstance(local_runs.run_plan(rt, pa.id, runner), local_runs.Note)
     assert status(rt, pa.id) is S.PENDING
     # Legacy mode: every task waits its turn under the workspace lock, so a
     # claim_plan hint becomes a dispatch (which claims the head: ``pa``).
     plan = tasks.submit(rt, ws, TaskType.PLAN)
-    assert local_runs.run_plan(legacy_rt, plan.id, runner) is None
+    assert isinstance(local_runs.run_plan(legacy_rt, plan.id, runner), local_runs.Note)
     assert runner.ran == []
     assert (status(rt, pa.id), status(rt, plan.id)) == (S.PLANNING, S.PENDING)
 
@@ -108,8 +113,11 @@ def test_a_plan_that_can_never_run_fails_at_once_saying_why(
     runner = FakeRunner()
     caplog.set_level(logging.WARNING, logger="scheduler.local_runs")
 
-    assert local_runs.run_plan(rt, plan.id, runner) is None
+    note = local_runs.run_plan(rt, plan.id, runner)
 
+    assert isinstance(note, local_runs.Note) and note.failed
+    with pytest.raises(PhaseFailed, match="plan cannot run"):
+        note.outcome()
     assert runner.ran == []
     view = tasks.get(rt, plan.id)
     assert view.status is S.FAILED

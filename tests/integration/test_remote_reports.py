@@ -20,6 +20,7 @@ from sqlalchemy import func, select
 from celery_app import agent as agent_app
 from executors import remote, signing, wire
 from executors.base import Bundle, Directive, Finished, Heartbeat, PhaseResult, Started
+from executors.outcome import MessageRejected, PhaseFailed
 from scheduler import dispatcher, pools, tasks, workspaces
 from scheduler import remote as server
 from scheduler.messages import RecordingPublisher
@@ -186,6 +187,9 @@ def test_agent_runs_only_hand_offs_signed_for_its_pool(
     [sent] = [m for m in publisher.sent if m.task == remote.TASK_AGENT_RUN]
     envelope, meta = sent.args
     assert meta == {"task_id": tid, "phase": "plan", "fence": fence}
+    # Flower and the logs show this, never the sealed bundle (configuration
+    # and state) that the arguments carry.
+    assert sent.describe() == f"task {tid}: plan in agentws, fence {fence}, pool {pool.name}"
     assert Bundle.from_json(signing.open_(signing.derive(pool.token, "handoff"), envelope))
     ran: list[Bundle] = []
     agent_app._state.clear()
@@ -197,11 +201,16 @@ def test_agent_runs_only_hand_offs_signed_for_its_pool(
     )
     try:
         forged = signing.seal(signing.derive("not-the-token", "handoff"), pool.name, {})
-        agent_app.run(forged, meta)
+        # Rejected: the Celery task fails (Flower shows it) and runs nothing.
+        with pytest.raises(MessageRejected, match="bad signature"):
+            agent_app.run(forged, meta)
         tampered = {**envelope, "body": envelope["body"].replace("plan", "apply", 1)}
-        agent_app.run(tampered, meta)
+        with pytest.raises(MessageRejected):
+            agent_app.run(tampered, meta)
         assert ran == []
-        agent_app.run(envelope, meta)
+        # The stand-in runner reports nothing, so the task fails saying so.
+        with pytest.raises(PhaseFailed, match="ended without a result"):
+            agent_app.run(envelope, meta)
         assert [b.handoff.task_id for b in ran] == [tid]
     finally:
         agent_app._state.clear()
