@@ -202,7 +202,9 @@ def test_dead_broker_raises_and_the_reconciler_recovers(
 
         proxy.down()
         started = time.monotonic()
-        with pytest.raises(OperationalError, match=r"did not take runq.dispatch\('x',\)"):
+        with pytest.raises(
+            OperationalError, match=r"did not take runq.dispatch \(workspace x\) for runq.dispatch"
+        ):
             rt.publisher.publish(messages.dispatch("x"))
         assert time.monotonic() - started < 15, "a dead broker should fail fast"
 
