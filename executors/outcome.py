@@ -45,13 +45,17 @@ class Watched:
         return reply
 
     def outcome(self, handoff: Handoff) -> str:
-        """What the run did, in a line; :class:`PhaseFailed` if it failed."""
+        """What the run did, in a line; :class:`PhaseFailed` if it failed.
+
+        A result is shown beside the task's arguments, which say which task
+        and phase it is, so it says only the claim and the verdict; a
+        failure is also logged on its own, so it says everything."""
         h = handoff
         what = f"task {h.task_id}: {h.phase} in {h.workspace}, fence {h.fence}"
         if self.start is not None and not self.start.accepted:
             # Someone else owns this claim (a late or duplicate hand-off):
             # nothing was run here, and nothing went wrong.
-            return f"{what}: not run here ({self.start.reason or 'start refused'})"
+            return f"fence {h.fence}: not run here ({self.start.reason or 'start refused'})"
         if self.finished is None or self.reply is None:
             raise PhaseFailed(
                 f"{what}: ended without a result (the executor stopped early); "
@@ -62,7 +66,7 @@ class Watched:
         result = self.finished.result
         if not result.ok:
             raise PhaseFailed(f"{what}: {failure(result)}")
-        return f"{what}: {success(h, result)}"
+        return f"fence {h.fence}: {success(h, result)}"
 
 
 def failure(result: PhaseResult) -> str:

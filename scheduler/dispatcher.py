@@ -72,10 +72,11 @@ class Decision:
         return self.action.startswith("claimed")
 
     def summary(self) -> str:
-        """One line for the Celery task's result (what Flower shows)."""
+        """One line for the Celery task's result (what Flower shows, beside
+        the arguments, which name the workspace)."""
         task = f" task {self.task_id}" if self.task_id is not None else ""
         fence = f", fence {self.fence}" if self.fence is not None and self.claimed else ""
-        return f"{self.workspace}: {self.action.replace('_', ' ')}{task}{fence} ({self.reason})"
+        return f"{self.action.replace('_', ' ')}{task}{fence} ({self.reason})"
 
 
 def _log(decision: Decision, verb: str = "dispatch", lock: str = "none") -> Decision:

@@ -58,7 +58,7 @@ def test_a_local_plan_is_claimed_started_and_run_in_one_hop(rt: Runtime, ws: str
     ran = local_runs.run_plan(rt, plan.id, runner)
 
     assert isinstance(ran, local_runs.Ran) and ran.bundle.started is not None
-    assert ran.outcome() == f"task {plan.id}: plan in {ws}, fence 1: planned, no changes"
+    assert ran.outcome() == "fence 1: planned, no changes"
     assert [h.task_id for h in runner.ran] == [plan.id]
     assert executes(rt) == [], "no second hop: nothing was handed off"
     view = tasks.get(rt, plan.id)
@@ -80,7 +80,7 @@ def test_a_duplicate_claim_runs_nothing(rt: Runtime, ws: str) -> None:
     assert isinstance(local_runs.run_plan(rt, plan.id, first), local_runs.Ran)
     note = local_runs.run_plan(rt, plan.id, second)
     assert isinstance(note, local_runs.Note) and not note.failed
-    assert note.outcome() == f"{ws}: skipped task {plan.id} (already success (late or duplicate))"
+    assert note.outcome() == f"skipped task {plan.id} (already success (late or duplicate))"
     assert (len(first.ran), second.ran) == (1, [])
     assert chain(rt, plan.id).count(("pending", "planning")) == 1
 

@@ -201,15 +201,18 @@ def test_flower_api_shows_each_task_by_what_it_is_with_its_state(flower: Flower,
         task = by_args[args]
         assert (task["name"], task["state"]) == (name, state), task
     # The results say what happened: planned, applied, or why it failed.
-    assert (
-        f"task {ran.plan}: plan in {ws}, fence 1: planned"
-        in by_args[f"task {ran.plan}: plan in {ws}"]["result"]
-    )
-    assert "applied" in by_args[f"task {pa}: apply in {ws}, fence 2"]["result"]
+    results = {args: by_args[args]["result"] for args in expect}
+    assert results[f"task {ran.plan}: plan in {ws}"] == "'fence 1: planned, +1 ~0 -0'", results
+    assert results[f"task {pa}: plan in {ws}, fence 1"] == "'fence 1: planned, +1 ~0 -0'", results
+    assert results[f"task {pa}: apply in {ws}, fence 2"] == "'fence 2: applied'", results
+    assert results[f"task {ran.failing}: plan in {ran.broken}"] is None, results
     failed = by_args[f"task {ran.failing}: plan in {ran.broken}"]
     assert failed["exception"].startswith("PhaseFailed("), failed["exception"]
     assert "failed: terraform init exited 1" in failed["exception"], failed["exception"]
     assert failed["traceback"], "a FAILURE carries Celery's traceback field"
+    # Flower's Failed filter (and count) holds the failed phase, and only it.
+    failures = flower.get("/api/tasks?state=FAILURE")
+    assert [t["args"] for t in failures.values()] == [failed["args"]], failures
 
 
 class _Rows(html.parser.HTMLParser):
@@ -278,7 +281,7 @@ def test_flower_task_list_in_a_browser(flower: Flower, ran: Ran, tmp_path: Path)
 
     shot = tmp_path / "flower-tasks.png"
     subprocess.run(
-        [*argv, "--window-size=1500,520", "--hide-scrollbars", f"--screenshot={shot}", page],
+        [*argv, "--window-size=1800,560", "--hide-scrollbars", f"--screenshot={shot}", page],
         capture_output=True,
         timeout=120,
         check=True,
