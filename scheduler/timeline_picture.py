@@ -14,7 +14,6 @@ cancelled or discarded ends in a dark mark with its outcome in the title.
 from __future__ import annotations
 
 import html
-import shutil
 import subprocess
 import tempfile
 from collections.abc import Sequence
@@ -23,6 +22,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from scheduler import tasks
+from scheduler.browser import HEADLESS_FLAGS, find_chromium
 from scheduler.errors import InvalidInput
 from scheduler.models import utcnow
 from scheduler.runtime import Runtime
@@ -189,7 +189,7 @@ def write(path: Path, svg_text: str, title: str) -> Path:
 
 def _png(path: Path, svg_text: str) -> None:
     """Rasterise with headless chromium (Debian's ``chromium`` package)."""
-    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    browser = find_chromium()
     if browser is None:
         raise InvalidInput(
             "a PNG needs Debian's chromium (apt-get install chromium); "
@@ -202,13 +202,7 @@ def _png(path: Path, svg_text: str) -> None:
         subprocess.run(
             [
                 browser,
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                "--no-first-run",
+                *HEADLESS_FLAGS,
                 f"--user-data-dir={tmp}/profile",
                 f"--window-size={width},{height}",
                 f"--screenshot={path.resolve()}",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import xml.etree.ElementTree as ET
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -10,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from scheduler import dispatcher, tasks, timeline_picture
+from scheduler.browser import find_chromium
 from scheduler.errors import InvalidInput
 from scheduler.runtime import Runtime
 from scheduler.states import TaskType
@@ -79,7 +79,7 @@ def test_html_png_and_bad_input(rt: Runtime, src: Path, tmp_path: Path) -> None:
     assert "<svg" in text and "waiting for confirmation" in text
     with pytest.raises(InvalidInput, match=r"\.svg, \.html or \.png"):
         timeline_picture.draw(rt, tmp_path / "t.jpg")
-    if shutil.which("chromium") is None and shutil.which("chromium-browser") is None:
+    if find_chromium() is None:
         with pytest.raises(InvalidInput, match="chromium"):
             timeline_picture.draw(rt, tmp_path / "t.png")
         pytest.skip("Debian's chromium is not installed: the PNG is not drawn here")

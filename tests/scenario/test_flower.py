@@ -32,6 +32,7 @@ import pytest
 import yaml
 
 from scheduler import tasks
+from scheduler.browser import HEADLESS_FLAGS, find_chromium
 from scheduler.states import DispatchMode, TaskStatus, TaskType
 from tests.conftest import free_port
 from tests.scenario.cluster import Cluster
@@ -48,20 +49,9 @@ NULL = 'resource "null_resource" "r" {}\n'
 BROKEN = 'resource "null_resource" "r" {\n  nonsense = \n}\n'
 USER = "operator"
 
-#: Chromium as the issue asks: headless, no sandbox (we run as root), and
-#: none of the background traffic that this machine's closed network refuses.
-CHROMIUM_FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-    # Virtual time runs the page's timers and its AJAX table fill without
-    # waiting for them in real time: 20 s of page time is plenty.
-    "--virtual-time-budget=20000",
-]
+#: Virtual time runs the page's timers and its AJAX table fill without
+#: waiting for them in real time: 20 s of page time is plenty.
+CHROMIUM_FLAGS = [*HEADLESS_FLAGS, "--virtual-time-budget=20000"]
 
 
 def compose_flower_environment() -> dict[str, str]:
@@ -244,12 +234,8 @@ class _Rows(html.parser.HTMLParser):
             self._cell.append(data)
 
 
-def chromium() -> str | None:
-    return shutil.which("chromium") or shutil.which("chromium-browser")
-
-
 def test_flower_task_list_in_a_browser(flower: Flower, ran: Ran, tmp_path: Path) -> None:
-    browser = chromium()
+    browser = find_chromium()
     if browser is None:
         pytest.skip("Debian's chromium is not installed (make test installs it as root)")
     by_args = flower_tasks(flower, expected=5)
