@@ -72,10 +72,28 @@ def submit(
     _check_text("message", message, MAX_MESSAGE)
     _check_text("created_by", created_by, MAX_ACTOR)
     if session is None:
+        early = _early_snapshot(rt, workspace) if rt.engine.dialect.name == "sqlite" else None
         with rt.transaction() as s:
-            return _submit(rt, s, workspace, kind, message, created_by)
+            return _submit(rt, s, workspace, kind, message, created_by, early)
     rt.attach(session)
     return _submit(rt, session, workspace, kind, message, created_by)
+
+
+def _early_snapshot(rt: Runtime, workspace: str) -> tuple[str | None, bytes]:
+    """The configuration snapshot, taken before the submit's transaction.
+
+    The hazard: on SQLite every transaction takes the database's one write
+    lock at BEGIN (scheduler.db), and reading, tarring and gzipping a
+    configuration of up to ``max_config_bytes`` inside it would stall every
+    worker's writes meanwhile. So the directory is read here, outside; the
+    transaction uses it if the workspace still names the same directory.
+    (PostgreSQL locks nothing before the queue position is taken, after the
+    snapshot, so there the extra read would buy nothing.)
+    """
+    with rt.sessions() as s:
+        ws = load_workspace(s, workspace)
+        source_dir, name = ws.source_dir, ws.name
+    return source_dir, artifacts.snapshot(source_dir, rt.settings.max_config_bytes, name)
 
 
 def _submit(
@@ -85,12 +103,16 @@ def _submit(
     kind: TaskType,
     message: str | None,
     created_by: str | None,
+    early: tuple[str | None, bytes] | None = None,
 ) -> TaskView:
     ws = load_workspace(s, workspace)
     _check_executor(rt, s, ws)
     # The snapshot both phases will run: editing the directory after this
     # changes nothing this task plans or applies, and no executor needs it.
-    content = artifacts.snapshot(ws.source_dir, rt.settings.max_config_bytes, ws.name)
+    if early is not None and early[0] == ws.source_dir:
+        content = early[1]
+    else:
+        content = artifacts.snapshot(ws.source_dir, rt.settings.max_config_bytes, ws.name)
     version = artifacts.store_config(s, ws.id, content)
     # Bumping the counter row-locks the workspace until commit, so queue
     # positions are handed out in commit order within a workspace.

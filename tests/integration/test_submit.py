@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
-from scheduler import messages, tasks
+from scheduler import artifacts, messages, tasks
 from scheduler.messages import RecordingPublisher
 from scheduler.models import ConfigurationVersion, Task, Workspace
 from scheduler.pools import PoolNotFound
 from scheduler.runtime import Runtime
+from scheduler.settings import Settings
 from scheduler.states import TaskStatus, TaskType
 from tests.integration.helpers import claim_plans, counts, dispatches, make_workspace
 
@@ -142,3 +145,83 @@ def test_submit_to_an_agent_workspace_without_its_pool_is_refused(rt: Runtime, s
         assert s.scalars(select(ConfigurationVersion.id)).all() == []
     assert counts(rt) == before
     assert rt.publisher.sent == []  # type: ignore[attr-defined]
+
+
+# ---------------------------------------------------------------- SQLite's write lock
+
+
+def sqlite_path(rt: Runtime) -> str:
+    database = rt.engine.url.database
+    assert database, rt.engine.url
+    return database
+
+
+def test_on_sqlite_the_snapshot_is_taken_outside_the_write_lock(
+    sqlite_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every SQLite transaction takes the one write lock at BEGIN; the
+    configuration's tar+gzip must not hold it (other writers would wait)."""
+    rt = Runtime(
+        settings=Settings(database_url=sqlite_url, data_dir=tmp_path, redis_url="redis://unused"),
+        publisher=RecordingPublisher(),
+    )
+    try:
+        make_workspace(rt, "net", tmp_path / "src")
+        (tmp_path / "src" / "main.tf").write_text("# v1\n")
+        real = artifacts.snapshot
+        writes: list[str] = []
+
+        def snapshot_while_writing(*args: Any) -> bytes:
+            # Another writer, with no patience, during the snapshot.
+            other = sqlite3.connect(sqlite_path(rt), timeout=0, isolation_level=None)
+            try:
+                other.execute("BEGIN IMMEDIATE")
+                other.execute("ROLLBACK")
+                writes.append("written")
+            except sqlite3.OperationalError as exc:
+                writes.append(str(exc))
+            finally:
+                other.close()
+            return real(*args)
+
+        monkeypatch.setattr(artifacts, "snapshot", snapshot_while_writing)
+        tasks.submit(rt, "net", "plan")
+        assert writes == ["written"], "the snapshot ran under the write lock"
+    finally:
+        rt.close()
+
+
+def test_a_directory_changed_meanwhile_is_snapshotted_again_in_the_transaction(
+    sqlite_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rt = Runtime(
+        settings=Settings(database_url=sqlite_url, data_dir=tmp_path, redis_url="redis://unused"),
+        publisher=RecordingPublisher(),
+    )
+    try:
+        make_workspace(rt, "net", tmp_path / "old")
+        (tmp_path / "old" / "main.tf").write_text("# old\n")
+        (tmp_path / "new").mkdir()
+        (tmp_path / "new" / "main.tf").write_text("# new\n")
+        real = artifacts.snapshot
+        taken: list[str] = []
+
+        def snapshot_then_move(source_dir: str, *rest: Any) -> bytes:
+            content = real(source_dir, *rest)
+            taken.append(Path(source_dir).name)
+            if len(taken) == 1:  # between the early snapshot and the transaction
+                with sqlite3.connect(sqlite_path(rt)) as db:
+                    db.execute("UPDATE workspaces SET source_dir = ?", (str(tmp_path / "new"),))
+            return content
+
+        monkeypatch.setattr(artifacts, "snapshot", snapshot_then_move)
+        t = tasks.submit(rt, "net", "plan")
+        assert taken == ["old", "new"]
+        with rt.sessions() as s:
+            task = s.get(Task, t.id)
+            assert task is not None
+            version = s.get(ConfigurationVersion, task.config_version_id)
+            assert version is not None
+            assert version.content == real(str(tmp_path / "new"), 10**7, "net")
+    finally:
+        rt.close()
