@@ -27,6 +27,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -173,15 +174,21 @@ def test_services_up_and_healthy(stack: Stack) -> None:
         assert restart == "unless-stopped", (service, restart)
 
 
+def flower_api(path: str) -> Any:
+    auth = base64.b64encode(f"{FLOWER_USER}:{FLOWER_PASSWORD}".encode()).decode()
+    url = f"http://127.0.0.1:{FLOWER_PORT}{path}"
+    request = urllib.request.Request(url, headers={"Authorization": f"Basic {auth}"})
+    with urllib.request.urlopen(request, timeout=10) as reply:
+        assert reply.status == 200
+        return json.loads(reply.read())
+
+
 def test_flower_asks_for_basic_auth_on_loopback(stack: Stack) -> None:
     url = f"http://127.0.0.1:{FLOWER_PORT}/api/workers"
     with pytest.raises(urllib.error.HTTPError) as denied:
         urllib.request.urlopen(url, timeout=10)
     assert denied.value.code == 401
-    auth = base64.b64encode(f"{FLOWER_USER}:{FLOWER_PASSWORD}".encode()).decode()
-    request = urllib.request.Request(url, headers={"Authorization": f"Basic {auth}"})
-    with urllib.request.urlopen(request, timeout=10) as reply:
-        assert reply.status == 200
+    flower_api("/api/workers")
     (flower,) = stack.containers("flower")
     args = stack.inspect(flower)["Config"]["Env"]
     assert "FLOWER_ADDRESS=127.0.0.1" in args
@@ -221,6 +228,16 @@ def test_plans_and_plan_applies(stack: Stack, tmp_path: Path) -> None:
     again = submit(stack, "net", "plan")
     assert wait_settled(stack, [again], 120)[again] == "success"
     assert stack.runq("show", str(again))["has_changes"] is False
+
+    # Flower, in its container, saw the worker containers run each of them,
+    # and lists it by what it is.
+    def labelled() -> dict[str, str]:
+        return {t["args"]: t["state"] for t in flower_api("/api/tasks").values()}
+
+    expected = {f"task {p}: plan in {ws}" for p, ws in zip(plans, ["net", "app"] * 3, strict=False)}
+    shown = wait_for("Flower to list every plan", lambda: expected <= set(labelled()), 30)
+    assert shown
+    assert {labelled()[label] for label in expected} == {"SUCCESS"}
 
 
 def test_cli_in_a_one_off_container(stack: Stack, tmp_path: Path) -> None:
