@@ -20,26 +20,36 @@ Everything it started is stopped before it returns, on success or not.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from scheduler.errors import SchedulerError
 from scheduler.settings import Settings
 from scheduler.states import TERMINAL, DispatchMode, TaskStatus, TaskType
+from scheduler.supervise import (
+    STOP_SECONDS,
+    Exited,
+    NotReady,
+    Proc,
+    RedisServer,
+    SupervisionError,
+    WorkerPool,
+    find_redis_server,
+    worker_argv,
+)
 from scheduler.timeline import Segment, TaskTimeline, WorkspaceFacts, timelines, workspace_facts
 from scheduler.views import EventView, TaskView
 
@@ -56,7 +66,6 @@ WORKER_CONCURRENCY = 4
 RECONCILE_SECONDS = 5
 POLL_SECONDS = 0.25
 WORKER_START_SECONDS = 60.0
-STOP_SECONDS = 15.0
 
 
 class DemoError(SchedulerError):
@@ -234,104 +243,16 @@ class DemoReport:
 Say = Callable[[str], None]
 
 
-@dataclass
-class _Proc:
-    name: str
-    popen: subprocess.Popen[bytes]
-    log: Path
-    logfile: IO[bytes]
-
-
-class _Processes:
-    """The child processes the demo started; all stopped by :meth:`stop`."""
-
-    def __init__(self) -> None:
-        self.procs: list[_Proc] = []
-
-    def start(self, name: str, argv: Sequence[str], log: Path, **kwargs: Any) -> _Proc:
-        log.parent.mkdir(parents=True, exist_ok=True)
-        logfile = log.open("ab")
-        popen = subprocess.Popen(
-            list(argv),
-            stdin=subprocess.DEVNULL,
-            stdout=logfile,
-            stderr=subprocess.STDOUT,
-            # Its own process group: a Ctrl-C at the terminal reaches the
-            # demo only, which then stops the group in order.
-            start_new_session=True,
-            **kwargs,
-        )
-        proc = _Proc(name, popen, log, logfile)
-        self.procs.append(proc)
-        return proc
-
-    def dead(self) -> list[_Proc]:
-        return [p for p in self.procs if p.popen.poll() is not None]
-
-    def stop(self, names: Callable[[str], bool] = lambda _: True) -> None:
-        """SIGTERM, then SIGKILL (to the whole process group) after a while."""
-        chosen = [p for p in self.procs if names(p.name)]
-        for p in chosen:
-            if p.popen.poll() is None:
-                p.popen.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + STOP_SECONDS
-        for p in chosen:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                p.popen.wait(max(0.1, deadline - time.monotonic()))
-            # Also what a killed worker may have left behind (its pool).
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(p.popen.pid, signal.SIGKILL)
-            if p.popen.poll() is None:
-                p.popen.wait(5)
-            p.logfile.close()
-            self.procs.remove(p)
-
-
-def _tail(path: Path, lines: int = 15) -> str:
-    try:
-        text = path.read_text(errors="replace").splitlines()[-lines:]
-    except OSError:
-        return ""
-    return "\n".join(f"    {line}" for line in text)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def _log_end(proc: Proc, lines: int = 15) -> str:
+    """The end of ``proc``'s log, indented, for an error message."""
+    return "\n".join(f"    {line}" for line in proc.tail(lines).splitlines())
 
 
 def _find_redis_server() -> str:
-    exe = shutil.which("redis-server")
-    if exe is None:
-        raise DemoError(
-            "redis-server not found on PATH: install Redis "
-            "(e.g. `apt-get install redis-server`) or set RUNQ_REDIS_URL"
-        )
-    return exe
-
-
-def _start_redis(procs: _Processes, exe: str, workdir: Path) -> str:
-    from redis import Redis
-
-    workdir.mkdir(parents=True, exist_ok=True)
-    for _attempt in range(3):  # the free port may be taken before redis binds it
-        port = _free_port()
-        argv = [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
-        argv += ["--appendonly", "no", "--dir", str(workdir)]
-        proc = procs.start("redis", argv, workdir / "redis.log")
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and proc.popen.poll() is None:
-            client = Redis(host="127.0.0.1", port=port, socket_timeout=1)
-            try:
-                if client.ping():
-                    return f"redis://127.0.0.1:{port}/0"
-            except Exception:
-                time.sleep(0.05)
-            finally:
-                client.close()
-        procs.stop(lambda name: name == "redis")
-    raise DemoError(f"private redis-server did not start; see {workdir / 'redis.log'}")
+    try:
+        return find_redis_server()
+    except SupervisionError as exc:
+        raise DemoError(f"{exc} or set RUNQ_REDIS_URL") from exc
 
 
 # ---------------------------------------------------------------- terraform
@@ -407,20 +328,22 @@ def _write_wrapper(path: Path, real: str, plan_seconds: float, apply_seconds: fl
 # ---------------------------------------------------------------- workers
 
 
-def _start_workers(
-    procs: _Processes, count: int, demo_dir: Path, env: Mapping[str, str]
-) -> list[str]:
-    names = []
-    for i in range(count):
-        name = f"demo{i}"
-        argv = [sys.executable, "-m", "celery", "-A", "celery_app", "worker"]
-        argv += ["-c", str(WORKER_CONCURRENCY), "-n", f"{name}@%h"]
-        argv += ["--without-mingle", "--without-gossip", "--loglevel", "INFO"]
-        if i == 0:
-            argv.append("--beat")  # the reconciler, as `celery -A celery_app beat` runs it
-        procs.start(name, argv, demo_dir / "workers" / f"{name}.log", env=dict(env), cwd=demo_dir)
-        names.append(name)
-    return names
+@dataclass
+class _Workers(WorkerPool):
+    """The demo's workers, ``demo0``, ``demo1``, ...: ``demo0`` also runs beat
+    (the reconciler, as ``celery -A celery_app beat`` runs it). Ready once
+    they answer a ping through this process's Celery app."""
+
+    prefix: str = "demo"
+
+    def names(self) -> list[str]:
+        return [f"{self.prefix}{i}" for i in range(self.count)]
+
+    def argv(self, name: str) -> list[str]:
+        return worker_argv(name, self.concurrency, beat=name == f"{self.prefix}0")
+
+    def up(self) -> set[str]:
+        return {host.split("@", 1)[0] for host in _ping(0.5)}
 
 
 def _ping(timeout: float = 1.0) -> set[str]:
@@ -430,20 +353,23 @@ def _ping(timeout: float = 1.0) -> set[str]:
     return {host for reply in replies for host in reply}
 
 
-def _wait_for_workers(procs: _Processes, names: list[str]) -> None:
-    deadline = time.monotonic() + WORKER_START_SECONDS
-    while True:
-        for p in procs.dead():
-            raise DemoError(
-                f"worker {p.name} exited with status {p.popen.returncode}; "
-                f"its log ({p.log}) ends:\n{_tail(p.log)}"
-            )
-        up = {host.split("@", 1)[0] for host in _ping(0.5)}
-        if set(names) <= up:
-            return
-        if time.monotonic() > deadline:
-            missing = ", ".join(sorted(set(names) - up))
-            raise DemoError(f"workers {missing} not ready after {WORKER_START_SECONDS:g}s")
+def _start_workers(count: int, demo_dir: Path, env: dict[str, str], stack: ExitStack) -> _Workers:
+    """Start ``count`` workers and wait until they answer; they are stopped
+    when ``stack`` closes."""
+    pool = _Workers(count, env, demo_dir / "workers", concurrency=WORKER_CONCURRENCY, cwd=demo_dir)
+    stack.callback(pool.stop, STOP_SECONDS)
+    try:
+        pool.start(WORKER_START_SECONDS)
+    except Exited as exc:
+        p = exc.proc
+        raise DemoError(
+            f"worker {p.name} exited with status {p.returncode}; "
+            f"its log ({p.log}) ends:\n{_log_end(p)}"
+        ) from exc
+    except NotReady as exc:
+        missing = ", ".join(sorted(exc.names))
+        raise DemoError(f"workers {missing} not ready after {WORKER_START_SECONDS:g}s") from exc
+    return pool
 
 
 # ---------------------------------------------------------------- run
@@ -478,12 +404,13 @@ def run_demo(
     redis_server = None if os.environ.get("RUNQ_REDIS_URL") else _find_redis_server()
     root = (data_dir or base.data_dir).expanduser().resolve()
     demo_dir = _fresh_dir(root)
-    procs = _Processes()
+    # Every process the demo starts; closing it stops the workers, then Redis.
+    stack = ExitStack()
     restore = _sigterm_as_interrupt()
     try:
-        setup = _prepare(base, demo_dir, procs, real_tf, redis_server, plan_seconds, apply_seconds)
+        setup = _prepare(base, demo_dir, stack, real_tf, redis_server, plan_seconds, apply_seconds)
         return _run(
-            setup, procs, workers=workers, say=say, quiet=quiet, deadline=deadline, started=started
+            setup, stack, workers=workers, say=say, quiet=quiet, deadline=deadline, started=started
         )
     except DemoError:
         raise
@@ -496,8 +423,7 @@ def run_demo(
             f"{type(exc).__name__}: {exc} (demo files and worker logs: {demo_dir})"
         ) from exc
     finally:
-        procs.stop(lambda name: name != "redis")
-        procs.stop()
+        stack.close()
         restore()
 
 
@@ -544,6 +470,8 @@ class _Setup:
     plan_seconds: float
     apply_seconds: float
     redis_note: str
+    #: The private redis-server, unless the user named a Redis.
+    redis: RedisServer | None
     #: The user named the broker (RUNQ_REDIS_URL without RUNQ_BROKER_URL, or
     #: RUNQ_BROKER_URL): others may be consuming it.
     shared_broker: bool
@@ -567,9 +495,9 @@ class _Setup:
         return self.settings.dispatch_mode is DispatchMode.LEGACY
 
     def worker_env(self) -> dict[str, str]:
+        """What the workers' environment adds to this process's."""
         s = self.settings
         return {
-            **os.environ,
             **self.terraform_env,
             "RUNQ_DATA_DIR": str(s.data_dir),
             "RUNQ_DATABASE_URL": s.database_url,
@@ -606,7 +534,7 @@ class _Setup:
 def _prepare(
     base: Settings,
     demo_dir: Path,
-    procs: _Processes,
+    stack: ExitStack,
     real_tf: str,
     redis_server: str | None,
     plan_seconds: float,
@@ -618,10 +546,17 @@ def _prepare(
     _write_wrapper(wrapper, real_tf, plan_seconds, apply_seconds)
 
     # Redis: a private server unless the user named one.
+    redis = None
     if redis_server is None:
         redis_url, redis_note = base.redis_url, base.redis_url
     else:
-        redis_url = _start_redis(procs, redis_server, demo_dir / "redis")
+        redis = RedisServer(demo_dir / "redis", exe=redis_server)
+        stack.callback(redis.stop, STOP_SECONDS)
+        try:
+            redis.start()
+        except SupervisionError as exc:
+            raise DemoError(str(exc)) from exc
+        redis_url = redis.url
         redis_note = f"private redis-server at {redis_url} (stopped at the end)"
 
     settings = Settings(
@@ -641,13 +576,14 @@ def _prepare(
         plan_seconds=plan_seconds,
         apply_seconds=apply_seconds,
         redis_note=redis_note,
+        redis=redis,
         shared_broker=redis_server is None or bool(base.broker_url),
     )
 
 
 def _run(
     setup: _Setup,
-    procs: _Processes,
+    stack: ExitStack,
     *,
     workers: int,
     say: Say,
@@ -690,13 +626,16 @@ def _run(
                     f"({', '.join(sorted(others))}); {hint}"
                 )
         say(f"starting {workers} worker(s)...")
-        names = _start_workers(procs, workers, demo_dir, setup.worker_env())
-        _wait_for_workers(procs, names)
+        pool = _start_workers(workers, demo_dir, setup.worker_env(), stack)
         say(f"workers ready after {time.monotonic() - started:.1f}s")
+        # A process that dies ends the demo.
+        watch: list[Proc] = list(pool.workers)
+        if setup.redis is not None and setup.redis.process is not None:
+            watch.insert(0, setup.redis.process)
 
         names_by_ws = _create_workspaces(client, demo_dir, say)
         say("")
-        run = _Scenario(client, names_by_ws, procs, say, deadline)
+        run = _Scenario(client, names_by_ws, watch, say, deadline)
         problems = run.play()
         views = [client.get(i) for i in run.ids.values()]
         events = client.events(list(run.ids.values()))
@@ -781,13 +720,14 @@ class _Scenario:
         self,
         client: Any,
         names: Mapping[str, str],
-        procs: _Processes,
+        watch: Sequence[Proc],
         say: Say,
         deadline: float,
     ) -> None:
         self.client = client
         self.names = names
-        self.procs = procs
+        #: The processes whose exit ends the demo.
+        self.watch = watch
         self.say = say
         self.deadline = deadline
         #: scenario key -> task id
@@ -822,11 +762,12 @@ class _Scenario:
             if line != last_line and status:
                 self.say(f"{self.stamp()} {line}")
                 last_line = line
-            for p in self.procs.dead():
-                raise DemoError(
-                    f"{p.name} exited with status {p.popen.returncode} during the demo; "
-                    f"its log ({p.log}) ends:\n{_tail(p.log)}"
-                )
+            for p in self.watch:
+                if p.exited():
+                    raise DemoError(
+                        f"{p.name} exited with status {p.returncode} during the demo; "
+                        f"its log ({p.log}) ends:\n{_log_end(p)}"
+                    )
             if not todo and len(status) == len(self.ids) and set(status.values()) <= TERMINAL:
                 self.say(
                     f"{self.stamp()} all {len(self.ids)} tasks finished "

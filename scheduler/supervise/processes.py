@@ -84,6 +84,10 @@ class Proc:
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
+                # A session (and process group) of its own: a Ctrl-C at the
+                # terminal reaches the parent only, which then stops its
+                # children in order; a SIGKILL of the group takes the child's
+                # own children (a worker's pool) and no one else's.
                 start_new_session=True,
             )
 
