@@ -8,7 +8,8 @@ released through it, on success, failure or Ctrl-C alike.
 Systems: ``new`` (runq's default ``RUNQ_DISPATCH_MODE``), ``legacy`` (every
 task of a workspace serialized) and ``celery`` (:mod:`bench.bare`, a no-op
 task on runq's Celery configuration). Every pool gets the same worker flags
-(:class:`tests.workers.WorkerPool`), only the app differs.
+(:class:`scheduler.supervise.WorkerPool`, run from this checkout by
+:class:`tests.workers.WorkerPool`), only the app differs.
 """
 
 from __future__ import annotations
@@ -36,8 +37,9 @@ from scheduler.models import TaskEvent
 from scheduler.runtime import Runtime
 from scheduler.settings import ExecutorKind, Settings
 from scheduler.states import DispatchMode
+from scheduler.supervise import RedisServer
 from tests.conftest import PG_ADMIN_URL, create_database, drop_database
-from tests.workers import RedisServer, WorkerPool
+from tests.workers import WorkerPool
 
 SYSTEMS = ("new", "legacy", "celery")
 RUNQ = ("new", "legacy")
@@ -80,16 +82,6 @@ class Shape:
     @property
     def label(self) -> str:
         return f"{self.workers}x{self.concurrency}"
-
-
-@dataclass
-class BareWorkerPool(WorkerPool):
-    """Workers of :mod:`bench.bare`, with every flag runq's workers get."""
-
-    def argv(self, name: str) -> list[str]:
-        argv = super().argv(name)
-        argv[argv.index("celery_app")] = "bench.bare"
-        return argv
 
 
 @dataclass
@@ -164,10 +156,16 @@ class Bench:
         """A started pool for ``system`` on an empty broker; stopped on exit."""
         self.flush_redis()
         mode = DispatchMode.NEW if system == "celery" else DispatchMode(system)
-        kind = BareWorkerPool if system == "celery" else WorkerPool
         logdir = self.root / "logs" / f"{system}-{shape.label}-{self.names_made}"
         self.names_made += 1
-        pool = kind(shape.workers, self.env(mode, extra), logdir, concurrency=shape.concurrency)
+        pool = WorkerPool(
+            shape.workers,
+            self.env(mode, extra),
+            logdir,
+            concurrency=shape.concurrency,
+            # Workers of bench.bare get every flag runq's workers get.
+            app="bench.bare" if system == "celery" else "celery_app",
+        )
         try:
             pool.start()
             yield pool

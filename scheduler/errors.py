@@ -13,6 +13,8 @@ its default message::
      +-- ConcurrentChange
      |    +-- StaleFence
      +-- NotImplementedYet
+     +-- DemoError
+     +-- SupervisionError (scheduler.supervise)
 
 User-facing errors (NotFound, InvalidInput, IllegalTransition) change nothing.
 ConcurrentChange means another actor moved the task first: callers that race
@@ -64,3 +66,7 @@ class StaleFence(ConcurrentChange):
 
 class NotImplementedYet(SchedulerError):
     """That feature is not implemented yet."""
+
+
+class DemoError(SchedulerError):
+    """The demo could not run."""

@@ -26,13 +26,8 @@ from scheduler.db import make_engine, upgrade
 from scheduler.messages import RecordingPublisher
 from scheduler.runtime import Runtime
 from scheduler.settings import Settings
-from tests.workers import (
-    RabbitMQ,
-    RedisServer,
-    find_terraform,
-    free_port,  # noqa: F401 - tests import it from here
-    terraform_offline_env,
-)
+from scheduler.supervise import RedisServer, SupervisionError
+from tests.workers import RabbitMQ, find_terraform, terraform_offline_env
 
 PG_ADMIN_URL = os.environ.get(
     "RUNQ_TEST_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -123,7 +118,7 @@ def private_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisSer
     server = RedisServer(tmp_path_factory.mktemp("redis"))
     try:
         server.start()
-    except RuntimeError as exc:
+    except SupervisionError as exc:
         pytest.fail(str(exc))
     yield server
     server.stop()

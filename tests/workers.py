@@ -1,19 +1,10 @@
-"""Real processes for the scenario and fault tests: celery workers, beat, a
-private ``redis-server``, and a terraform wrapper.
+"""The tests' side of process supervision, and what else real processes need.
 
-:class:`WorkerPool` starts N workers (prefork, each with its own node name),
-waits until every one has logged ``ready.``, and stops them on exit: SIGTERM
-(warm shutdown), then SIGKILL of each worker's whole process group. Each
-worker runs in a session of its own, so a test can kill or pause one (and
-everything under it) without touching the others; :meth:`WorkerPool.restart`
-brings back a worker a test killed, and :class:`Beat` runs ``celery beat``
-(the reconciler's clock) the same way. Output goes to one log file per
-process, so a failing test can show it. ``env_for`` gives each process
-environment of its own (its own ``RUNQ_DATA_DIR``, as separate containers
-would have); :class:`AgentPool` starts ``runq agent`` processes the same way.
-
-:class:`RedisServer` is a private ``redis-server`` without persistence: a
-:meth:`~RedisServer.restart` comes back on the same port with no data.
+Starting and stopping processes (a private ``redis-server``, workers, free
+ports, a process's descendants) lives in :mod:`scheduler.supervise`, shared
+with ``runq demo`` and the benchmark. Here, :class:`WorkerPool`,
+:class:`AgentPool` and :class:`Beat` are its classes run from this checkout
+in a clean environment (:func:`clean_env`).
 
 :class:`RabbitMQ` gives a test (or a cluster) a private virtual host on the
 machine's RabbitMQ, made and deleted with ``rabbitmqctl``, so suites sharing
@@ -30,17 +21,15 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
 import socket
 import stat
 import subprocess
 import sys
-import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from redis import Redis
+from scheduler import supervise
+from scheduler.supervise import Environ
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -152,116 +141,6 @@ def clean_env(extra: dict[str, str]) -> dict[str, str]:
     return env
 
 
-def parent_pid(pid: int) -> int | None:
-    """The parent of ``pid`` (from /proc), or None if it is gone."""
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return None
-    for line in status.splitlines():
-        if line.startswith("PPid:"):
-            return int(line.split()[1])
-    return None
-
-
-def children(pid: int) -> list[int]:
-    """The live children of ``pid``, forked by any of its threads."""
-    found: list[int] = []
-    with contextlib.suppress(OSError):
-        for task in Path(f"/proc/{pid}/task").iterdir():
-            with contextlib.suppress(OSError):
-                found.extend(int(c) for c in (task / "children").read_text().split())
-    return found
-
-
-def descendants(pid: int) -> list[int]:
-    """Every live descendant of ``pid`` (children first, depth first).
-
-    A process may fork while this walks; callers that must catch everything
-    (a SIGSTOP of a whole tree) walk again until nothing new turns up.
-    """
-    found: list[int] = []
-    for child in children(pid):
-        found.append(child)
-        found.extend(descendants(child))
-    return found
-
-
-# ---------------------------------------------------------------- redis
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class RedisServer:
-    """A private redis-server a test may stop, restart or break.
-
-    No persistence (``--save "" --appendonly no``): a restart loses every
-    queue, lock and unacknowledged message, as a crash of a cache-only Redis
-    would.
-    """
-
-    def __init__(self, workdir: Path) -> None:
-        self.workdir = workdir
-        self.port = free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self, timeout: float = 10.0) -> None:
-        exe = shutil.which("redis-server")
-        if exe is None:
-            raise RuntimeError("redis-server is not on PATH (apt-get install redis-server)")
-        self.proc = subprocess.Popen(
-            [
-                exe,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(self.workdir),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                if Redis(port=self.port, socket_timeout=1).ping():
-                    return
-            except Exception:
-                time.sleep(0.05)
-        raise RuntimeError(f"private redis-server on port {self.port} did not start")
-
-    def kill(self) -> None:
-        """SIGKILL: no shutdown work, nothing saved."""
-        if self.proc is not None:
-            self.proc.kill()
-            self.proc.wait(10)
-            self.proc = None
-
-    def restart(self) -> None:
-        """Kill it and start an empty one on the same port."""
-        self.kill()
-        self.start()
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            self.proc.wait(10)
-            self.proc = None
-
-
 # ---------------------------------------------------------------- rabbitmq
 
 
@@ -346,240 +225,32 @@ class RabbitMQ:
 
 
 @dataclass
-class Worker:
-    name: str
-    log: Path
-    proc: subprocess.Popen[bytes] | None = None
+class WorkerPool(supervise.WorkerPool):
+    """:class:`scheduler.supervise.WorkerPool` from this checkout: ``env`` on
+    top of a clean copy of this process's environment (:func:`clean_env`)."""
 
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def ready(self) -> bool:
-        return self.log.is_file() and " ready." in self.log.read_text(errors="replace")
-
-    def tail(self, lines: int = 150) -> str:
-        if not self.log.is_file():
-            return "(no log)"
-        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+    environ: Environ = clean_env
+    cwd: Path | None = REPO_ROOT
 
 
 @dataclass
-class WorkerPool:
-    """``count`` real Celery workers with ``env`` (on top of a clean copy of
-    this process's environment: :func:`clean_env`), and ``env_for(name)`` on
-    top of that for worker ``name`` (``w1``, ``w2``, ...) when given."""
+class AgentPool(supervise.AgentPool):
+    """:class:`scheduler.supervise.AgentPool` from this checkout. An agent
+    needs no database, so tests give it an unreachable ``RUNQ_DATABASE_URL``
+    (:data:`NO_DATABASE`)."""
 
-    count: int
-    env: dict[str, str]
-    logdir: Path
-    concurrency: int = 3
-    workers: list[Worker] = field(default_factory=list)
-    env_for: Callable[[str], dict[str, str]] | None = None
-    #: Worker names are this and a number.
-    prefix: str = "w"
-
-    def argv(self, name: str) -> list[str]:
-        return [
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            "celery_app",
-            "worker",
-            "-c",
-            str(self.concurrency),
-            "-n",
-            f"{name}@%h",
-            "--without-mingle",
-            "--without-gossip",
-            "-P",
-            "prefork",
-            "--loglevel",
-            "INFO",
-        ]
-
-    def start(self, timeout: float = 90.0) -> None:
-        self.logdir.mkdir(parents=True, exist_ok=True)
-        for i in range(1, self.count + 1):
-            name = f"{self.prefix}{i}"
-            worker = Worker(name, self.logdir / f"{name}.log")
-            self._spawn(worker)
-            self.workers.append(worker)
-        self._await_ready(self.workers, timeout)
-
-    def _spawn(self, worker: Worker) -> None:
-        with worker.log.open("wb") as out:
-            worker.proc = subprocess.Popen(
-                self.argv(worker.name),
-                cwd=REPO_ROOT,
-                env=clean_env({**self.env, **(self.env_for(worker.name) if self.env_for else {})}),
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # its own process group, for the kill
-            )
-
-    def _await_ready(self, workers: list[Worker], timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        for worker in workers:
-            while not worker.ready():
-                assert worker.proc is not None
-                if worker.proc.poll() is not None or time.monotonic() > deadline:
-                    why = (
-                        f"exited {worker.proc.returncode}"
-                        if worker.proc.returncode is not None
-                        else f"not ready after {timeout}s"
-                    )
-                    self.stop()
-                    raise RuntimeError(
-                        f"{type(self).__name__} process {worker.name} {why}:\n{worker.tail()}"
-                    )
-                time.sleep(0.1)
-
-    def named(self, name: str) -> Worker:
-        [worker] = [w for w in self.workers if w.name == name]
-        return worker
-
-    def restart(self, name: str, *, wait: bool = True, timeout: float = 90.0) -> Worker:
-        """Start a fresh process under the name of worker ``name``, which a
-        test killed or stopped; whatever is left of its process group is
-        killed first. The new process logs to a new file. With ``wait``,
-        return once it is ready (else poll :meth:`Worker.ready`)."""
-        old = self.named(name)
-        assert old.proc is not None
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(old.proc.pid, signal.SIGKILL)
-        old.proc.wait(10)
-        runs = sum(1 for _ in self.logdir.glob(f"{name}.*log"))
-        new = Worker(name, self.logdir / f"{name}.{runs + 1}.log")
-        self._spawn(new)
-        self.workers[self.workers.index(old)] = new
-        if wait:
-            self._await_ready([new], timeout)
-        return new
-
-    @property
-    def pids(self) -> dict[int, str]:
-        """Main process id -> worker name."""
-        return {w.pid: w.name for w in self.workers}
-
-    def worker_of(self, pid: int) -> str | None:
-        """The worker whose process (or pool child) ``pid`` is."""
-        pids = self.pids
-        if pid in pids:
-            return pids[pid]
-        parent = parent_pid(pid)
-        return pids.get(parent) if parent is not None else None
-
-    def logs(self) -> dict[str, str]:
-        return {w.name: w.tail() for w in self.workers}
-
-    def stop(self, timeout: float = 20.0) -> None:
-        for worker in self.workers:
-            if worker.proc is not None and worker.proc.poll() is None:
-                # A paused worker would not act on the SIGTERM until continued.
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(worker.proc.pid, signal.SIGCONT)
-                worker.proc.send_signal(signal.SIGTERM)  # warm shutdown
-        deadline = time.monotonic() + timeout
-        for worker in self.workers:
-            if worker.proc is None:
-                continue
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                worker.proc.wait(max(0.1, deadline - time.monotonic()))
-            # Pool children share the group (terraform, in a session of its
-            # own, dies with its parent: runq's executor sees to that).
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(worker.proc.pid, signal.SIGKILL)
-            worker.proc.wait(10)
+    environ: Environ = clean_env
+    cwd: Path | None = REPO_ROOT
 
 
 @dataclass
-class AgentPool(WorkerPool):
-    """``count`` real ``runq agent --pool POOL --capacity CAPACITY`` processes
-    (named ``a1``, ``a2``, ...), supervised like :class:`WorkerPool`'s
-    workers: ready once each has logged ``ready.``, stopped with SIGTERM (warm
-    shutdown, a signed "stopping" beat), then SIGKILL of its process group.
+class Beat(supervise.Beat):
+    """:class:`scheduler.supervise.Beat` from this checkout."""
 
-    ``env`` needs the broker (``RUNQ_REDIS_URL``) and ``RUNQ_AGENT_TOKEN``;
-    an agent needs no database, so tests give it an unreachable
-    ``RUNQ_DATABASE_URL`` (:data:`NO_DATABASE`). Start the core workers
-    first: an agent's first beat waits for one of them to answer.
-    """
-
-    pool: str = ""
-    capacity: int = 2
-    prefix: str = "a"
-
-    def argv(self, name: str) -> list[str]:
-        assert self.pool, "AgentPool needs a pool name"
-        return [
-            sys.executable,
-            "-m",
-            "scheduler.cli",
-            "agent",
-            "--pool",
-            self.pool,
-            "--capacity",
-            str(self.capacity),
-        ]
+    environ: Environ = clean_env
+    cwd: Path | None = REPO_ROOT
 
 
 #: A database URL nothing answers on: what an agent is given, to show it
 #: never needs one.
 NO_DATABASE = "postgresql+psycopg://nobody@127.0.0.1:1/none"
-
-
-@dataclass
-class Beat:
-    """A real ``celery -A celery_app beat``: runq's reconciler, sweeping every
-    ``RUNQ_RECONCILE_INTERVAL`` seconds on a thread of its own."""
-
-    env: dict[str, str]
-    logdir: Path
-    proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def log(self) -> Path:
-        return self.logdir / "beat.log"
-
-    def start(self, timeout: float = 60.0) -> None:
-        self.logdir.mkdir(parents=True, exist_ok=True)
-        argv = [sys.executable, "-m", "celery", "-A", "celery_app", "beat", "--loglevel", "INFO"]
-        with self.log.open("wb") as out:
-            self.proc = subprocess.Popen(
-                argv,
-                cwd=REPO_ROOT,
-                env=clean_env(self.env),
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        # Not "beat: Starting": beat logs that before it opens its schedule
-        # file, and may still die doing so.
-        deadline = time.monotonic() + timeout
-        while "first sweep done" not in self.log.read_text(errors="replace"):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"celery beat did not start:\n{self.tail()}")
-            time.sleep(0.1)
-
-    def tail(self, lines: int = 50) -> str:
-        if not self.log.is_file():
-            return "(no log)"
-        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
-
-    def stop(self) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.wait(10)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(10)
-        self.proc = None

@@ -37,15 +37,12 @@ from scheduler.errors import SchedulerError
 from scheduler.messages import Message
 from scheduler.runtime import Runtime
 from scheduler.settings import Settings
+from scheduler.supervise import RedisServer, Worker, children, descendants
 from scheduler.views import TaskView
 from tests.conftest import PG_ADMIN_URL, create_database, drop_database
 from tests.workers import (
     Beat,
-    RedisServer,
-    Worker,
     WorkerPool,
-    children,
-    descendants,
     find_terraform,
     terraform_offline_env,
     write_slow_terraform,

@@ -51,8 +51,8 @@ from redis import Redis
 
 from scheduler import messages
 from scheduler.messages import QUEUE_RUNS, TASK_EXECUTE, Message
+from scheduler.supervise import children, descendants
 from tests.faults.harness import FaultCluster
-from tests.workers import children, descendants
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,8 @@ from scheduler import messages, reconciler, status, tasks, workspaces
 from scheduler.messages import RecordingPublisher
 from scheduler.runtime import Runtime
 from scheduler.settings import Settings
-from tests.workers import RabbitMQ, free_port
+from scheduler.supervise import free_port
+from tests.workers import RabbitMQ
 
 pytestmark = [pytest.mark.amqp, pytest.mark.redis]
 

@@ -39,8 +39,8 @@ from scheduler.models import StateVersion, Task, TaskEvent, utcnow
 from scheduler.runtime import Runtime
 from scheduler.settings import Settings
 from scheduler.states import TaskStatus
+from scheduler.supervise import RedisServer
 from scheduler.views import TaskView
-from tests.conftest import RedisServer
 from tests.integration.helpers import deliver_hint
 from tests.runner_harness import (
     CHAIN,

@@ -49,8 +49,8 @@ from scheduler.models import ConfigurationVersion, PlanArtifact, StateVersion, T
 from scheduler.runtime import Runtime
 from scheduler.settings import Settings
 from scheduler.states import Phase, TaskStatus
+from scheduler.supervise import RedisServer
 from scheduler.views import TaskView
-from tests.conftest import RedisServer
 from tests.integration.helpers import deliver_hint
 from tests.runner_harness import latest_working_copy, working_copies
 

@@ -26,7 +26,7 @@ from scheduler.locks import workspace_lock
 from scheduler.metrics import FAMILIES, serve
 from scheduler.runtime import Runtime
 from scheduler.states import TaskType
-from tests.conftest import free_port
+from scheduler.supervise import free_port
 from tests.integration.helpers import (
     APPLY_OK,
     PLAN_FAILED,

@@ -28,7 +28,8 @@ from scheduler.models import PlanArtifact, StateVersion
 from scheduler.reports import DirectReporter
 from scheduler.runtime import Runtime
 from scheduler.states import Phase, TaskStatus, TaskType
-from tests.conftest import PG_ADMIN_URL, free_port
+from scheduler.supervise import free_port
+from tests.conftest import PG_ADMIN_URL
 from tests.integration.helpers import (
     APPLY_OK,
     PLAN_WITH_CHANGES,

@@ -25,8 +25,9 @@ import pytest
 
 from scheduler.db import make_engine, upgrade
 from scheduler.states import ExecutionMode
+from scheduler.supervise import RedisServer
 from tests.scenario.cluster import Cluster, redis_db, start_cluster
-from tests.workers import RabbitMQ, RedisServer
+from tests.workers import RabbitMQ
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:

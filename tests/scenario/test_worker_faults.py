@@ -40,8 +40,9 @@ from scheduler.models import StateVersion, utcnow
 from scheduler.runtime import Runtime
 from scheduler.settings import Settings
 from scheduler.states import TERMINAL, DispatchMode, TaskStatus
+from scheduler.supervise import RedisServer, descendants
 from scheduler.views import EventView, TaskView
-from tests.conftest import RedisServer, create_database, drop_database
+from tests.conftest import create_database, drop_database
 from tests.runner_harness import (
     CHAIN,
     NAMES,
@@ -53,7 +54,7 @@ from tests.runner_harness import (
     wait_for,
 )
 from tests.scenario.cluster import DEADLINE, Cluster, redis_db
-from tests.workers import Beat, WorkerPool, clean_env, descendants, write_slow_terraform
+from tests.workers import Beat, WorkerPool, clean_env, write_slow_terraform
 
 pytestmark = [pytest.mark.scenario, pytest.mark.postgres, pytest.mark.terraform]
 
