@@ -34,7 +34,7 @@ import yaml
 from scheduler import tasks
 from scheduler.browser import HEADLESS_FLAGS, find_chromium
 from scheduler.states import DispatchMode, TaskStatus, TaskType
-from tests.conftest import free_port
+from scheduler.supervise import Proc, free_port, stop, tail, wait_ready
 from tests.scenario.cluster import Cluster
 from tests.workers import REPO_ROOT, clean_env
 
@@ -77,7 +77,7 @@ class Flower:
             return json.loads(resp.read())
 
     def tail(self) -> str:
-        return "\n".join(self.log.read_text(errors="replace").splitlines()[-40:])
+        return tail(self.log, 40)
 
 
 @pytest.fixture(scope="module")
@@ -98,37 +98,22 @@ def flower(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterat
             "FLOWER_PORT": str(port),
         }
     )
-    log = root / "flower.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            ["celery", "-A", "celery_app", "flower"],
-            env=env,
-            cwd=REPO_ROOT,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    f = Flower(f"http://127.0.0.1:{port}", password, log)
+    proc = Proc("flower", root / "flower.log")
+    proc.start(["celery", "-A", "celery_app", "flower"], env=env, cwd=REPO_ROOT)
+    f = Flower(f"http://127.0.0.1:{port}", password, proc.log)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, f"flower exited {proc.returncode}:\n{f.tail()}"
-            try:
-                with urllib.request.urlopen(f.url + "/healthcheck", timeout=2) as resp:
-                    if resp.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, f"flower did not answer in 60 s:\n{f.tail()}"
-            time.sleep(0.2)
+        wait_ready([proc], lambda: {"flower"} if healthy(f) else set(), timeout=60, poll=0.2)
         yield f
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop([proc], timeout=15)
+
+
+def healthy(f: Flower) -> bool:
+    try:
+        with urllib.request.urlopen(f.url + "/healthcheck", timeout=2) as resp:
+            return bool(resp.status == 200)
+    except OSError:
+        return False
 
 
 @dataclass(frozen=True)
