@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -150,6 +151,16 @@ def test_submit_to_an_agent_workspace_without_its_pool_is_refused(rt: Runtime, s
 # ---------------------------------------------------------------- SQLite's write lock
 
 
+@pytest.fixture
+def sqlite_rt(sqlite_url: str, tmp_path: Path) -> Iterator[Runtime]:
+    rt = Runtime(
+        settings=Settings(database_url=sqlite_url, data_dir=tmp_path, redis_url="redis://unused"),
+        publisher=RecordingPublisher(),
+    )
+    yield rt
+    rt.close()
+
+
 def sqlite_path(rt: Runtime) -> str:
     database = rt.engine.url.database
     assert database, rt.engine.url
@@ -157,71 +168,59 @@ def sqlite_path(rt: Runtime) -> str:
 
 
 def test_on_sqlite_the_snapshot_is_taken_outside_the_write_lock(
-    sqlite_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    sqlite_rt: Runtime, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Every SQLite transaction takes the one write lock at BEGIN; the
     configuration's tar+gzip must not hold it (other writers would wait)."""
-    rt = Runtime(
-        settings=Settings(database_url=sqlite_url, data_dir=tmp_path, redis_url="redis://unused"),
-        publisher=RecordingPublisher(),
-    )
-    try:
-        make_workspace(rt, "net", tmp_path / "src")
-        (tmp_path / "src" / "main.tf").write_text("# v1\n")
-        real = artifacts.snapshot
-        writes: list[str] = []
+    rt = sqlite_rt
+    make_workspace(rt, "net", tmp_path / "src")
+    (tmp_path / "src" / "main.tf").write_text("# v1\n")
+    real = artifacts.snapshot
+    writes: list[str] = []
 
-        def snapshot_while_writing(*args: Any) -> bytes:
-            # Another writer, with no patience, during the snapshot.
-            other = sqlite3.connect(sqlite_path(rt), timeout=0, isolation_level=None)
-            try:
-                other.execute("BEGIN IMMEDIATE")
-                other.execute("ROLLBACK")
-                writes.append("written")
-            except sqlite3.OperationalError as exc:
-                writes.append(str(exc))
-            finally:
-                other.close()
-            return real(*args)
+    def snapshot_while_writing(*args: Any) -> bytes:
+        # Another writer, with no patience, during the snapshot.
+        other = sqlite3.connect(sqlite_path(rt), timeout=0, isolation_level=None)
+        try:
+            other.execute("BEGIN IMMEDIATE")
+            other.execute("ROLLBACK")
+            writes.append("written")
+        except sqlite3.OperationalError as exc:
+            writes.append(str(exc))
+        finally:
+            other.close()
+        return real(*args)
 
-        monkeypatch.setattr(artifacts, "snapshot", snapshot_while_writing)
-        tasks.submit(rt, "net", "plan")
-        assert writes == ["written"], "the snapshot ran under the write lock"
-    finally:
-        rt.close()
+    monkeypatch.setattr(artifacts, "snapshot", snapshot_while_writing)
+    tasks.submit(rt, "net", "plan")
+    assert writes == ["written"], "the snapshot ran under the write lock"
 
 
 def test_a_directory_changed_meanwhile_is_snapshotted_again_in_the_transaction(
-    sqlite_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    sqlite_rt: Runtime, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    rt = Runtime(
-        settings=Settings(database_url=sqlite_url, data_dir=tmp_path, redis_url="redis://unused"),
-        publisher=RecordingPublisher(),
-    )
-    try:
-        make_workspace(rt, "net", tmp_path / "old")
-        (tmp_path / "old" / "main.tf").write_text("# old\n")
-        (tmp_path / "new").mkdir()
-        (tmp_path / "new" / "main.tf").write_text("# new\n")
-        real = artifacts.snapshot
-        taken: list[str] = []
+    rt = sqlite_rt
+    make_workspace(rt, "net", tmp_path / "old")
+    (tmp_path / "old" / "main.tf").write_text("# old\n")
+    (tmp_path / "new").mkdir()
+    (tmp_path / "new" / "main.tf").write_text("# new\n")
+    real = artifacts.snapshot
+    taken: list[str] = []
 
-        def snapshot_then_move(source_dir: str, *rest: Any) -> bytes:
-            content = real(source_dir, *rest)
-            taken.append(Path(source_dir).name)
-            if len(taken) == 1:  # between the early snapshot and the transaction
-                with sqlite3.connect(sqlite_path(rt)) as db:
-                    db.execute("UPDATE workspaces SET source_dir = ?", (str(tmp_path / "new"),))
-            return content
+    def snapshot_then_move(source_dir: str, *rest: Any) -> bytes:
+        content = real(source_dir, *rest)
+        taken.append(Path(source_dir).name)
+        if len(taken) == 1:  # between the early snapshot and the transaction
+            with sqlite3.connect(sqlite_path(rt)) as db:
+                db.execute("UPDATE workspaces SET source_dir = ?", (str(tmp_path / "new"),))
+        return content
 
-        monkeypatch.setattr(artifacts, "snapshot", snapshot_then_move)
-        t = tasks.submit(rt, "net", "plan")
-        assert taken == ["old", "new"]
-        with rt.sessions() as s:
-            task = s.get(Task, t.id)
-            assert task is not None
-            version = s.get(ConfigurationVersion, task.config_version_id)
-            assert version is not None
-            assert version.content == real(str(tmp_path / "new"), 10**7, "net")
-    finally:
-        rt.close()
+    monkeypatch.setattr(artifacts, "snapshot", snapshot_then_move)
+    t = tasks.submit(rt, "net", "plan")
+    assert taken == ["old", "new"]
+    with rt.sessions() as s:
+        task = s.get(Task, t.id)
+        assert task is not None
+        version = s.get(ConfigurationVersion, task.config_version_id)
+        assert version is not None
+        assert version.content == real(str(tmp_path / "new"), 10**7, "net")
