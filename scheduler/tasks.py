@@ -10,7 +10,7 @@ from typing import cast
 from sqlalchemy import Table, bindparam, select, update
 from sqlalchemy.orm import Session
 
-from scheduler import artifacts, messages, outbox
+from scheduler import messages, outbox
 from scheduler.errors import (
     ConcurrentChange,
     IllegalTransition,
@@ -86,6 +86,10 @@ def _submit(
     message: str | None,
     created_by: str | None,
 ) -> TaskView:
+    # Imported here: `runq list` and `runq show` read tasks and need neither
+    # the artifact store nor the executors' wire types it brings (issue 8).
+    from scheduler import artifacts
+
     ws = load_workspace(s, workspace)
     _check_executor(rt, s, ws)
     # The snapshot both phases will run: editing the directory after this
