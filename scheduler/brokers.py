@@ -123,8 +123,10 @@ class KombuPublisher:
     One thing Celery does is left out: the ``task-sent`` event
     (``task_send_sent_event``). Flower learns of the task from the worker's
     ``task-received`` event instead, which carries the same name, id and
-    ``argsrepr``; what it cannot show is a message still waiting in a queue,
-    which ``runq show`` and ``runq status`` (queue depths) do.
+    ``argsrepr`` (tests/scenario/test_flower.py submits through this
+    publisher and finds each task in Flower by its label, with its state);
+    what it cannot show is a message still waiting in a queue, which ``runq
+    show`` and ``runq status`` (queue depths) do.
 
     Errors are :class:`celery_app.runtime.CeleryPublisher`'s: a send the
     broker did not take, after the same retries, raises kombu's
