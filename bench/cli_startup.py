@@ -15,7 +15,7 @@ The commands run with bytecode caches, as an installed runq has them (a
 ``PYTHONDONTWRITEBYTECODE`` in the environment would make every run compile
 runq's own modules again). ``runq submit`` publishes a claim to the Redis
 database given (a private one: a worker on it would take the claims); runq's
-queues there are deleted at the end.
+queues and their kombu bindings there are deleted at the end.
 """
 
 from __future__ import annotations
@@ -145,7 +145,12 @@ def main() -> None:
                 print(line)
         finally:
             client = Redis.from_url(args.redis)
-            client.delete(*ALL_QUEUES)
+            # The queues, and the bindings kombu keeps beside them.
+            client.delete(
+                *ALL_QUEUES,
+                *(f"_kombu.binding.{q}" for q in ALL_QUEUES),
+                *(f"_kombu.binding_permanent.{q}" for q in ALL_QUEUES),
+            )
             client.close()
 
 
