@@ -9,9 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from kombu import Exchange, Queue
-
-from scheduler.brokers import broker_kind, transport_options
+from scheduler.brokers import broker_kind, durable_queue, transport_options
 from scheduler.messages import (
     ALL_QUEUES,
     QUEUE_DISPATCH,
@@ -62,18 +60,6 @@ def worker_config(settings: Settings) -> dict[str, Any]:
         "worker_hijack_root_logger": True,
         **broker_specific(settings.resolved_broker_url),
     }
-
-
-def durable_queue(name: str) -> Queue:
-    """Queue ``name`` on its own direct exchange, both durable.
-
-    One direct exchange per queue: a bare Queue(name) would bind every queue
-    to the default queue's exchange and routing key, so a publish to that
-    exchange would land in all of them. Durable exchanges and queues and
-    persistent messages: a RabbitMQ restart keeps what was queued (Redis
-    keeps it only as far as its own persistence is configured).
-    """
-    return Queue(name, Exchange(name, "direct", durable=True), routing_key=name, durable=True)
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:

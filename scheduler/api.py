@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy.orm import Session
 
 from scheduler import tasks, workspaces
+from scheduler.brokers import KombuPublisher
 from scheduler.errors import SchedulerError
 from scheduler.runtime import Runtime
 from scheduler.settings import Settings
@@ -34,39 +35,12 @@ from scheduler.states import SETTLED, ExecutionMode, TaskStatus, TaskType
 from scheduler.views import EventView, TaskView, WorkspaceView
 
 if TYPE_CHECKING:
-    from celery_app.runtime import CeleryPublisher
     from scheduler.artifacts import LogPiece
-    from scheduler.messages import Message
     from scheduler.waiting import Waiting
 
 
 class WaitTimeout(SchedulerError):
     """Timed out waiting for tasks to settle."""
-
-
-class _CeleryOnFirstUse:
-    """runq's Celery publisher, loaded at the first message: a client that
-    only reads (`runq show`, `runq list`) never imports Celery, whose import
-    and configuration were a quarter of the CLI's start-up (issue 8)."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self._inner: CeleryPublisher | None = None
-
-    def _publisher(self) -> CeleryPublisher:
-        if self._inner is None:
-            from celery_app.app import app, use_settings
-            from celery_app.runtime import CeleryPublisher
-
-            use_settings(self.settings)
-            self._inner = CeleryPublisher(app)
-        return self._inner
-
-    def publish(self, message: Message) -> str:
-        return self._publisher().publish(message)
-
-    def depth(self, queue: str) -> int | None:
-        return self._publisher().depth(queue)
 
 
 class Client:
@@ -79,7 +53,9 @@ class Client:
         return cls(
             Runtime(
                 settings=settings,
-                publisher=_CeleryOnFirstUse(settings),
+                # Not Celery's app: a client only sends messages, and a
+                # read-only one (`runq show`, `runq list`) sends none (issue 8).
+                publisher=KombuPublisher(settings.resolved_broker_url),
                 actor=actor or f"{getpass.getuser()}@{socket.gethostname()}:{os.getpid()}",
             )
         )
@@ -186,6 +162,8 @@ class Client:
 
     def close(self) -> None:
         self.runtime.close()
+        if isinstance(self.runtime.publisher, KombuPublisher):
+            self.runtime.publisher.close()  # opened again if used again
 
 
 def wait(

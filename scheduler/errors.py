@@ -9,6 +9,7 @@ its default message::
      |    +-- TaskNotFound
      +-- InvalidInput
      |    +-- WorkspaceExists
+     |    +-- InvalidSettings
      +-- IllegalTransition
      +-- ConcurrentChange
      |    +-- StaleFence
@@ -50,6 +51,10 @@ class InvalidInput(SchedulerError):
 
 class WorkspaceExists(InvalidInput):
     """A workspace with that name exists already."""
+
+
+class InvalidSettings(InvalidInput, ValueError):
+    """A RUNQ_* setting is not valid."""
 
 
 class IllegalTransition(SchedulerError):

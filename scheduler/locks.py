@@ -14,9 +14,12 @@ import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from redis import Redis
-from redis.exceptions import LockNotOwnedError
+if TYPE_CHECKING:
+    # redis-py is imported by whoever made the client: `runq show`, which
+    # imports the dispatcher to apply its rules, takes no lock (issue 8).
+    from redis import Redis
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +56,8 @@ def workspace_lock(redis: Redis, workspace: str, *, ttl: float) -> Iterator[Held
     in a Lua script, so a holder whose TTL expired cannot release the lock a
     successor now holds.
     """
+    from redis.exceptions import LockNotOwnedError
+
     lock = redis.lock(lock_key(workspace), timeout=ttl, thread_local=False)
     dirty = dirty_key(workspace)
     if not lock.acquire(blocking=False):

@@ -10,7 +10,6 @@ leases then wait for nobody, so ``--check`` fails (the compose health check).
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -18,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import func, select
 
 from executors.remote import REPORTS_QUEUE, pool_queue
+from scheduler import brokers
 from scheduler.messages import ALL_QUEUES
 from scheduler.models import AgentPool, Task, utcnow
 from scheduler.reconciler import last_sweep
@@ -142,26 +142,5 @@ def queue_depths(app: Celery, names: list[str]) -> dict[str, int | None]:
 
     None for every queue when the broker cannot be reached.
     """
-    depths: dict[str, int | None] = {}
-    try:
-        with app.connection_for_read() as conn:
-            conn.ensure_connection(max_retries=1)
-            for name in names:
-                depths[name] = _depth(conn, name)
-    except Exception:
-        return dict.fromkeys(names)
-    return depths
-
-
-def _depth(conn: Any, name: str) -> int:
-    # A channel per queue: on RabbitMQ a passive declare of a queue that does
-    # not exist fails with 404 and closes its channel, which would fail every
-    # queue asked after it. (Redis answers 0.)
-    channel: Any = conn.channel()  # kombu's Channel, untyped
-    try:
-        return int(channel.queue_declare(queue=name, passive=True)[1])
-    except conn.channel_errors:
-        return 0  # never declared: nothing was ever sent to it
-    finally:
-        with contextlib.suppress(Exception):
-            channel.close()
+    with app.connection_for_read() as conn:
+        return brokers.queue_depths(conn, names)

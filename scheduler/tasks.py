@@ -10,7 +10,7 @@ from typing import cast
 from sqlalchemy import Table, bindparam, select, update
 from sqlalchemy.orm import Session
 
-from scheduler import artifacts, messages, outbox
+from scheduler import messages, outbox
 from scheduler.errors import (
     ConcurrentChange,
     IllegalTransition,
@@ -90,6 +90,8 @@ def _early_snapshot(rt: Runtime, workspace: str) -> tuple[str | None, bytes]:
     (PostgreSQL locks nothing before the queue position is taken, after the
     snapshot, so there the extra read would buy nothing.)
     """
+    from scheduler import artifacts
+
     with rt.sessions() as s:
         ws = load_workspace(s, workspace)
         source_dir, name = ws.source_dir, ws.name
@@ -105,6 +107,10 @@ def _submit(
     created_by: str | None,
     early: tuple[str | None, bytes] | None = None,
 ) -> TaskView:
+    # Imported here: `runq list` and `runq show` read tasks and need neither
+    # the artifact store nor the executors' wire types it brings (issue 8).
+    from scheduler import artifacts
+
     ws = load_workspace(s, workspace)
     _check_executor(rt, s, ws)
     # The snapshot both phases will run: editing the directory after this

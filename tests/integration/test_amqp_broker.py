@@ -1,5 +1,6 @@
-"""runq's publisher on RabbitMQ, against the machine's server (a private vhost
-per test): each message lands in its own durable queue, a message the broker
+"""runq's publishers on RabbitMQ (the workers' through Celery, the clients'
+through kombu alone), against the machine's server (a private vhost per
+test): each message lands in its own durable queue, a message the broker
 refuses raises a clear error (publisher confirms), and a dead broker raises one
 the reconciler logs and recovers from once the broker is back, on the same
 pooled connections. ``runq status`` counts the queues there too.
@@ -23,7 +24,8 @@ from kombu.exceptions import OperationalError
 
 from celery_app.runtime import CeleryPublisher, build_runtime, private_app
 from scheduler import messages, reconciler, status, tasks, workspaces
-from scheduler.messages import RecordingPublisher
+from scheduler.brokers import KombuPublisher
+from scheduler.messages import Publisher, RecordingPublisher
 from scheduler.runtime import Runtime
 from scheduler.settings import Settings
 from scheduler.supervise import free_port
@@ -41,6 +43,17 @@ def app(amqp_url: str) -> Iterator[Celery]:
     made = make_app(amqp_url)
     yield made
     made.close()
+
+
+@pytest.fixture(params=["celery", "light"])
+def publisher(request: pytest.FixtureRequest, app: Celery, amqp_url: str) -> Iterator[Publisher]:
+    """Workers' publisher (Celery's app) and the clients' (kombu alone)."""
+    if request.param == "celery":
+        yield CeleryPublisher(app)
+        return
+    light = KombuPublisher(amqp_url)
+    yield light
+    light.close()
 
 
 def waiting(url: str) -> dict[str, int]:
@@ -68,9 +81,8 @@ def take(url: str, queue: str) -> tuple[str, list[object]]:
 
 
 def test_each_message_lands_in_its_own_durable_queue(
-    app: Celery, amqp_url: str, rabbitmq: RabbitMQ
+    publisher: Publisher, amqp_url: str, rabbitmq: RabbitMQ
 ) -> None:
-    publisher = CeleryPublisher(app)
     publisher.publish(messages.claim_plan(7))
     publisher.publish(messages.dispatch("net"))
     publisher.publish(messages.dispatch("app"))
@@ -89,9 +101,8 @@ def test_each_message_lands_in_its_own_durable_queue(
 
 
 def test_a_refused_message_raises_a_clear_error(
-    app: Celery, amqp_url: str, rabbitmq: RabbitMQ
+    publisher: Publisher, amqp_url: str, rabbitmq: RabbitMQ
 ) -> None:
-    publisher = CeleryPublisher(app)
     publisher.publish(messages.claim_plan(1))
     # The broker refuses every further message for runq.plans: a full queue
     # that rejects publishes, as a length limit in production would.

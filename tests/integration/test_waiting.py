@@ -14,6 +14,7 @@ from executors.base import StateWritten
 from executors.fake import FakeLauncher
 from scheduler import dispatcher, messages, pools, reports, tasks, workspaces
 from scheduler.api import Client
+from scheduler.brokers import KombuPublisher
 from scheduler.messages import QUEUE_DISPATCH, QUEUE_PLANS, QUEUE_RUNS
 from scheduler.runtime import Runtime
 from scheduler.states import Phase, TaskType
@@ -207,14 +208,20 @@ def test_a_kubernetes_phase_waits_for_its_job_to_start(
     assert why(rt, tid) is None
 
 
-@pytest.fixture
-def broker(rt: Runtime) -> Iterator[Runtime]:
+@pytest.fixture(params=["celery", "light"])
+def broker(request: pytest.FixtureRequest, rt: Runtime) -> Iterator[Runtime]:
     """A runtime on rt's database that publishes to the test Redis through
-    Celery, with runq's queues purged before and after."""
+    Celery (as workers do) or kombu alone (as clients do), with runq's
+    queues purged before and after."""
     from celery_app.runtime import CeleryPublisher, private_app
 
     app = private_app(rt.settings, "waiting-test")
-    runtime = Runtime(rt.settings, CeleryPublisher(app), actor="test")
+    publisher = (
+        CeleryPublisher(app)
+        if request.param == "celery"
+        else KombuPublisher(rt.settings.resolved_broker_url)
+    )
+    runtime = Runtime(rt.settings, publisher, actor="test")
 
     def purge() -> None:
         with app.connection_for_write() as conn:
@@ -258,12 +265,16 @@ def test_a_plan_waits_for_a_free_worker_and_says_how_deep_the_queue_is(
     assert w.sentence.endswith(f"from queue {QUEUE_RUNS}; 1 message waits there")
 
 
-def test_an_unreachable_broker_is_said_to_be_so(rt: Runtime, ws: str) -> None:
+@pytest.mark.parametrize("kind", ["celery", "light"])
+def test_an_unreachable_broker_is_said_to_be_so(rt: Runtime, ws: str, kind: str) -> None:
     from celery_app.runtime import CeleryPublisher, private_app
 
     settings = rt.settings.model_copy(update={"broker_url": "redis://127.0.0.1:1/0"})
     app = private_app(settings, "waiting-down")
-    down = Runtime(rt.settings, CeleryPublisher(app), actor="test")
+    publisher = (
+        CeleryPublisher(app) if kind == "celery" else KombuPublisher(settings.resolved_broker_url)
+    )
+    down = Runtime(rt.settings, publisher, actor="test")
     try:
         plan = tasks.submit(rt, ws, PLAN).id
         w = waits(down, plan, "worker")

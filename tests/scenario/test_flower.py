@@ -31,7 +31,7 @@ from typing import Any
 import pytest
 import yaml
 
-from scheduler import tasks
+from scheduler.api import Client
 from scheduler.browser import HEADLESS_FLAGS, find_chromium
 from scheduler.states import DispatchMode, TaskStatus, TaskType
 from scheduler.supervise import Proc, free_port, stop, tail, wait_ready
@@ -128,12 +128,20 @@ class Ran:
 @pytest.fixture(scope="module")
 def ran(cluster: Cluster, flower: Flower) -> Ran:
     """A plan, an auto-applied plan+apply and a failing plan, run to the end
-    while Flower watches."""
+    while Flower watches. They are submitted as applications and `runq
+    submit` do, through the Python API, whose publisher sends Celery's task
+    message without Celery (scheduler.brokers.KombuPublisher) and so without
+    Celery's `task-sent` event: Flower must know each task from the
+    worker's events alone."""
     ws = cluster.workspace("net", auto_apply=True, config=NULL)
     broken = cluster.workspace("broken", config=BROKEN)
-    plan = tasks.submit(cluster.rt, ws, TaskType.PLAN).id
-    pa = tasks.submit(cluster.rt, ws, TaskType.PLAN_AND_APPLY).id
-    failing = tasks.submit(cluster.rt, broken, TaskType.PLAN).id
+    client = Client.from_env(cluster.settings, actor="flower-test")
+    try:
+        plan = client.submit(ws, TaskType.PLAN).id
+        pa = client.submit(ws, TaskType.PLAN_AND_APPLY).id
+        failing = client.submit(broken, TaskType.PLAN).id
+    finally:
+        client.close()
     views = {v.id: v for v in cluster.wait([plan, pa, failing])}
     assert views[plan].status is TaskStatus.SUCCESS, views[plan].error
     assert views[pa].status is TaskStatus.APPLIED, views[pa].error
