@@ -9,7 +9,6 @@ its default message::
      |    +-- TaskNotFound
      +-- InvalidInput
      |    +-- WorkspaceExists
-     |    +-- InvalidSettings
      +-- IllegalTransition
      +-- ConcurrentChange
      |    +-- StaleFence
@@ -51,10 +50,6 @@ class InvalidInput(SchedulerError):
 
 class WorkspaceExists(InvalidInput):
     """A workspace with that name exists already."""
-
-
-class InvalidSettings(InvalidInput, ValueError):
-    """A RUNQ_* setting is not valid."""
 
 
 class IllegalTransition(SchedulerError):
