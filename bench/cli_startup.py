@@ -97,6 +97,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=21)
     parser.add_argument("--redis", default="redis://127.0.0.1:6379/14")
     parser.add_argument("--importtime", action="store_true")
+    parser.add_argument(
+        "--against",
+        type=Path,
+        help="another checkout of runq (e.g. a git worktree of an older commit): "
+        "its commands run in the same rounds, for a before/after on one machine",
+    )
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="runq-cli-startup-") as tmp:
@@ -124,24 +130,32 @@ def main() -> None:
         for argv in setup:
             timed([RUNQ, *argv], env)
         cmds = commands(plan=1, queued=3)
-        wall: dict[str, list[float]] = {name: [] for name in cmds}
-        cpu: dict[str, list[float]] = {name: [] for name in cmds}
+        runs: dict[str, tuple[list[str], dict[str, str]]] = {n: (a, env) for n, a in cmds.items()}
+        if args.against is not None:
+            # PYTHONPATH comes before the venv's editable install of this
+            # checkout, so the same console script runs the other code.
+            other = {**env, "PYTHONPATH": str(args.against.resolve())}
+            for name, argv in cmds.items():
+                if argv[0] == RUNQ:
+                    runs[f"{name} [{args.against.name}]"] = (argv, other)
+        wall: dict[str, list[float]] = {name: [] for name in runs}
+        cpu: dict[str, list[float]] = {name: [] for name in runs}
         try:
             for n in range(args.rounds + 1):
-                for name, argv in cmds.items():
-                    w, c, _ = timed(argv, env)
+                for name, (argv, run_env) in runs.items():
+                    w, c, _ = timed(argv, run_env)
                     if n:  # round 0 fills the bytecode caches
                         wall[name].append(w)
                         cpu[name].append(c)
             load = os.getloadavg()[0]
             print(f"median of {args.rounds} rounds, {os.cpu_count()} CPUs, load {load:.1f}")
-            for name, argv in cmds.items():
+            for name, (argv, run_env) in runs.items():
                 line = (
-                    f"  {name:<32} wall {statistics.median(wall[name]) * 1000:5.0f} ms"
+                    f"  {name:<44} wall {statistics.median(wall[name]) * 1000:5.0f} ms"
                     f"   cpu {statistics.median(cpu[name]) * 1000:5.0f} ms"
                 )
                 if args.importtime and argv[0] == RUNQ:
-                    line += f"\n      {importtime(argv, env)}"
+                    line += f"\n      {importtime(argv, run_env)}"
                 print(line)
         finally:
             client = Redis.from_url(args.redis)
