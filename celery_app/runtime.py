@@ -8,6 +8,7 @@ import socket
 
 from celery import Celery
 
+from scheduler.brokers import not_taken
 from scheduler.messages import Message
 from scheduler.runtime import Runtime
 from scheduler.settings import Settings
@@ -39,13 +40,7 @@ class CeleryPublisher:
                 argsrepr=message.describe(),
             )
         except OperationalError as exc:
-            cause = exc.__cause__ or exc.__context__ or exc
-            why = str(exc) or f"{type(cause).__name__} {cause}".strip()
-            raise OperationalError(
-                f"the broker did not take {message.task} ({message.describe()}) "
-                f"for {message.queue} "
-                f"({self.app.connection_for_write().as_uri()}): {why}"
-            ) from exc
+            raise not_taken(message, self.app.connection_for_write().as_uri(), exc) from exc
         return str(result.id)
 
     def depth(self, queue: str) -> int | None:

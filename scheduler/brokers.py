@@ -180,12 +180,7 @@ class KombuPublisher:
                         **properties,
                     )
             except OperationalError as exc:
-                cause = exc.__cause__ or exc.__context__ or exc
-                why = str(exc) or f"{type(cause).__name__} {cause}".strip()
-                raise OperationalError(
-                    f"the broker did not take {message.task} ({message.describe()}) "
-                    f"for {message.queue} ({conn.as_uri()}): {why}"
-                ) from exc
+                raise not_taken(message, conn.as_uri(), exc) from exc
         return task_id
 
     def depth(self, queue: str) -> int | None:
@@ -198,6 +193,22 @@ class KombuPublisher:
             if self._conn is not None:
                 self._conn.release()
                 self._conn = None
+
+
+def not_taken(message: Message, broker: str, exc: Exception) -> Exception:
+    """The error for a send the broker did not take: kombu's
+    ``OperationalError`` (the type workers and the reconciler read as "the
+    broker was away"), naming the message, its queue and the broker. On
+    RabbitMQ a refused message (a nack) comes with an empty message, so the
+    cause is named instead."""
+    from kombu.exceptions import OperationalError
+
+    cause = exc.__cause__ or exc.__context__ or exc
+    why = str(exc) or f"{type(cause).__name__} {cause}".strip()
+    return OperationalError(
+        f"the broker did not take {message.task} ({message.describe()}) "
+        f"for {message.queue} ({broker}): {why}"
+    )
 
 
 def task_message(
