@@ -31,9 +31,9 @@ import yaml
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = REPO_ROOT / "deploy"
 PROJECT = "runq-compose-test"
-PG_PORT = int(os.environ.get("RUNQ_TEST_PG_PORT", "55432"))
-REDIS_PORT = int(os.environ.get("RUNQ_TEST_REDIS_PORT", "56379"))
-FLOWER_PORT = int(os.environ.get("RUNQ_TEST_FLOWER_PORT", "55555"))
+PG_PORT = int(os.environ.get("RUNQ_TEST_PG_PORT", "25432"))
+REDIS_PORT = int(os.environ.get("RUNQ_TEST_REDIS_PORT", "26379"))
+FLOWER_PORT = int(os.environ.get("RUNQ_TEST_FLOWER_PORT", "25555"))
 FLOWER_USER = "runq-test"
 FLOWER_PASSWORD = "compose-test-secret"
 POSTGRES_PASSWORD = "runq-test-db"
@@ -89,16 +89,7 @@ class Stack:
     def scale(self, **replicas: int) -> None:
         """Scale the named services, leaving everything else as it is."""
         flags = [f"--scale={name}={n}" for name, n in replicas.items()]
-        self.compose(
-            "up",
-            "-d",
-            "--no-build",
-            "--no-recreate",
-            "--no-deps",
-            *flags,
-            *replicas,
-            timeout=600,
-        )
+        self.up("--no-build", "--no-recreate", "--no-deps", *flags, *replicas)
 
     # ---------------------------------------------------------- containers
 
@@ -138,6 +129,20 @@ class Stack:
         path = self.artifacts / "compose.log"
         path.write_text(self.compose("logs", "--no-color", "--timestamps", check=False))
         return path
+
+    def up(self, *args: str, timeout: float = 600) -> None:
+        """``docker-compose up -d ARGS``; on failure the error carries what
+        compose cannot say (``Container ... is unhealthy`` names no service
+        and no cause): every container's state and its log's last lines,
+        taken before the fixture's teardown removes them."""
+        try:
+            self.compose("up", "-d", *args, timeout=timeout)
+        except AssertionError as exc:
+            ps = self.compose("ps", "-a", check=False)
+            logs = self.compose("logs", "--no-color", "--tail=40", check=False)
+            raise AssertionError(
+                f"{exc}\n--- ps\n{ps}\n--- logs (last 40 lines each)\n{logs}"
+            ) from None
 
     # ------------------------------------------------------------- runq side
 

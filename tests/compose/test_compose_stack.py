@@ -99,10 +99,7 @@ def stack() -> Iterator[Stack]:
         st.compose("down", "-v", "--remove-orphans", "-t", "2", check=False)
         began = time.monotonic()
         # Agents need their pool's token, which exists once the schema does.
-        st.compose(
-            "up", "-d", "--no-build", f"--scale=worker={WORKERS}", "--scale=agent=0",
-            timeout=600,
-        )  # fmt: skip
+        st.up("--no-build", f"--scale=worker={WORKERS}", "--scale=agent=0")
         wait_for("3 workers to answer a ping", lambda: workers_answering(st) >= WORKERS, 120)
         if agent_command_exists():
             token = st.runq("pool", "create", POOL)["token"]
