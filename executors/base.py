@@ -50,6 +50,11 @@ class Handoff:
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
+    @property
+    def label(self) -> str:
+        """Which claim of which task this is, in words (Flower, logs)."""
+        return f"task {self.task_id}: {self.phase} in {self.workspace}, fence {self.fence}"
+
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Handoff:
         return cls(

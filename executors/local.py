@@ -78,17 +78,12 @@ class LocalLauncher:
     def launch(self, handoff: Handoff) -> str:
         # Only the id and the fence travel: the worker reads what to run from
         # the database, so a forged message cannot choose it.
-        message = execute(handoff.task_id, handoff.fence, handoff.phase, handoff.workspace)
+        message = execute(handoff)
         return f"celery:{self.publisher.publish(message)}"
 
 
-def execute(
-    task_id: int, fence: int, phase: Phase | None = None, workspace: str | None = None
-) -> Message:
-    what = f"{phase} in {workspace}" if phase and workspace else "run"
-    return Message(
-        TASK_EXECUTE, QUEUE_RUNS, (task_id, fence), f"task {task_id}: {what}, fence {fence}"
-    )
+def execute(handoff: Handoff) -> Message:
+    return Message(TASK_EXECUTE, QUEUE_RUNS, (handoff.task_id, handoff.fence), handoff.label)
 
 
 @dataclass(frozen=True)

@@ -51,7 +51,7 @@ class Watched:
         and phase it is, so it says only the claim and the verdict; a
         failure is also logged on its own, so it says everything."""
         h = handoff
-        what = f"task {h.task_id}: {h.phase} in {h.workspace}, fence {h.fence}"
+        what = h.label
         if self.start is not None and not self.start.accepted:
             # Someone else owns this claim (a late or duplicate hand-off):
             # nothing was run here, and nothing went wrong.

@@ -73,10 +73,7 @@ class AgentLauncher:
         envelope = signing.seal(signing.derive(token, "handoff"), name, bundle.to_json())
         # Shown in `runq agent list` while it runs; never trusted.
         meta = {"task_id": handoff.task_id, "phase": str(handoff.phase), "fence": handoff.fence}
-        label = (
-            f"task {handoff.task_id}: {handoff.phase} in {handoff.workspace}, "
-            f"fence {handoff.fence}, pool {name}"
-        )
+        label = f"{handoff.label}, pool {name}"
         message = Message(remote.TASK_AGENT_RUN, remote.pool_queue(name), (envelope, meta), label)
         message_id = self.rt.publisher.publish(message)
         return f"pool:{name}:{message_id}"
