@@ -145,6 +145,15 @@ def capacity(session: Session, settings: Settings, pool: AgentPool) -> tuple[int
     )
 
 
+def capacity_of(session: Session, settings: Settings, name: str) -> tuple[int, int] | None:
+    """``(capacity, busy)`` of pool ``name``'s live agents; None if there is
+    no such pool (a workspace may name one that was never made)."""
+    try:
+        return capacity(session, settings, load(session, name))
+    except PoolNotFound:
+        return None
+
+
 def view(rt: Runtime, name: str) -> PoolView:
     with rt.sessions() as s:
         return _view(s, rt.settings, load(s, name))

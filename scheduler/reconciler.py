@@ -220,10 +220,7 @@ def _pool_has_room(rt: Runtime, ws: Workspace, room: dict[str, bool]) -> bool:
     name = ws.agent_pool or ""
     if name not in room:
         with rt.sessions() as s:
-            try:
-                capacity, busy = pools.capacity(s, rt.settings, pools.load(s, name))
-            except pools.PoolNotFound:
-                capacity = busy = 0
+            capacity, busy = pools.capacity_of(s, rt.settings, name) or (0, 0)
         room[name] = busy < capacity
         if capacity == 0:
             # Not an error (agents may come), but nothing runs until they do.

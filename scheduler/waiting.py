@@ -119,11 +119,11 @@ def explain(
             "(plans take no workspace lock)",
             {"workspace": ws.name},
         )
-    holder = s.scalars(holder_query(legacy), {"ws_id": ws.id}).first()
-    if holder is not None and holder.id != task.id:
-        return _queued(s, task, ws, holder, legacy, now)
     # In legacy mode a lock lets plans by; an apply it always holds back.
     held_by_lock = ws.locked_by is not None and (not legacy or task.type != TaskType.PLAN)
+    holder = s.scalars(holder_query(legacy), {"ws_id": ws.id}).first()
+    if holder is not None and holder.id != task.id:
+        return _queued(task, ws, holder, _ahead(s, task, ws, legacy), held_by_lock, now)
     if status is S.APPLY_QUEUED:  # it holds the workspace: its apply is next
         if held_by_lock:
             return _locked(ws, now, "its apply is confirmed but held back")
@@ -135,8 +135,9 @@ def explain(
         )
     if held_by_lock:
         return _locked(ws, now, "queued but held back")
-    if _ahead(s, task, ws, legacy):
-        return _queued(s, task, ws, None, legacy, now)
+    ahead = _ahead(s, task, ws, legacy)
+    if ahead:
+        return _queued(task, ws, None, ahead, held_by_lock, now)
     return ForWorker(
         QUEUE_DISPATCH,
         f"first in line in workspace {ws.name}, which nothing holds: waiting for a free "
@@ -172,11 +173,9 @@ def _unstarted(
     # should not wait for unless the task waits on a pool.
     from scheduler import pools
 
-    try:
-        capacity, busy = pools.capacity(s, rt.settings, pools.load(s, name))
-        missing = ""
-    except pools.PoolNotFound:
-        capacity, busy, missing = 0, 0, f" (pool {name} does not exist)"
+    found = pools.capacity_of(s, rt.settings, name)
+    capacity, busy = found or (0, 0)
+    missing = "" if found is not None else f" (pool {name} does not exist)"
     details.update(pool=name, capacity=capacity, busy=busy)
     if busy < capacity:
         free = capacity - busy
@@ -213,9 +212,14 @@ def _locked(ws: Workspace, now: datetime, what: str) -> Waiting:
 
 
 def _queued(
-    s: Session, task: Task, ws: Workspace, holder: Task | None, legacy: bool, now: datetime
+    task: Task,
+    ws: Workspace,
+    holder: Task | None,
+    ahead: list[int],
+    held_by_lock: bool,
+    now: datetime,
 ) -> Waiting:
-    ahead = _ahead(s, task, ws, legacy)
+    """Behind ``holder`` or the tasks ``ahead`` (their ids, in order)."""
     if task.status == S.APPLY_QUEUED:
         sentence = f"confirmed, its apply waits its turn in workspace {ws.name}"
     else:
@@ -242,7 +246,7 @@ def _queued(
         sentence += f"; {len(ahead)} tasks are ahead ({ids}, ...)"
     elif ahead:
         sentence += f"; tasks {ids} are ahead" if len(ahead) > 1 else f"; task {ids} is ahead"
-    if ws.locked_by is not None and (not legacy or task.type != TaskType.PLAN):
+    if held_by_lock:
         sentence += f"; the workspace is also {_lock_phrase(ws, now)}"
     return Waiting(QUEUE, sentence, details)
 
