@@ -80,10 +80,7 @@ def _guarded(what: str, fn: Callable[[Runtime], str]) -> str:
     except PhaseFailed:
         raise  # the phase's own report said why; the task ran as it should
     except InvalidInput as exc:
-        log.warning(
-            "%s rejected: %s", what, exc, extra={"action": "message_rejected", "what": what}
-        )
-        raise MessageRejected(f"{what} rejected: {exc}") from None
+        raise _rejected(what, exc) from None
     except Exception as exc:
         if not _transient(exc):
             log.exception("%s failed", what, extra={"action": "task_error", "what": what})
@@ -129,10 +126,13 @@ def _check(what: str, check: Callable[[], object]) -> None:
     try:
         check()
     except InvalidInput as exc:
-        log.warning(
-            "%s rejected: %s", what, exc, extra={"action": "message_rejected", "what": what}
-        )
-        raise MessageRejected(f"{what} rejected: {exc}") from None
+        raise _rejected(what, exc) from None
+
+
+def _rejected(what: str, exc: InvalidInput) -> MessageRejected:
+    """Log a message that can never succeed; the error to end its task with."""
+    log.warning("%s rejected: %s", what, exc, extra={"action": "message_rejected", "what": what})
+    return MessageRejected(f"{what} rejected: {exc}")
 
 
 #: A local-mode plan is claimed and run right here (one hop, see

@@ -25,8 +25,6 @@ if TYPE_CHECKING:
     # Only for annotations: a command imports what it uses when it runs, so
     # `runq show` does not pay for Celery, Kubernetes or alembic (issue 8).
     from scheduler.views import EventView, TaskView, WorkspaceView
-
-if TYPE_CHECKING:
     from scheduler.workspaces import Overview
 
 F = TypeVar("F", bound=Callable[..., Any])
