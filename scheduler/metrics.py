@@ -26,7 +26,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, cast
@@ -147,9 +148,9 @@ class RunqCollector:
         self._high_water = 0
         #: Event ids skipped over, and when (monotonic) they were first missed.
         self._gaps: dict[int, float] = {}
-        self._successes: dict[tuple[str, str], int] = {}
-        self._failures: dict[tuple[str, str], int] = {}
-        self._reclaims: dict[str, int] = {}
+        self._successes: Counter[tuple[str, ...]] = Counter()
+        self._failures: Counter[tuple[str, ...]] = Counter()
+        self._reclaims: Counter[tuple[str, ...]] = Counter()
         self._latency: dict[tuple[str, str], Histogram] = {}
         self._handoff = Histogram()
         #: Task id -> when its apply was queued (until it is claimed).
@@ -213,8 +214,7 @@ class RunqCollector:
                 if ended is not None and e.created_at <= ended:
                     self._handoff.observe((e.at - ended).total_seconds())
         elif e.from_status == S.PLANNING and to == S.PLANNING:  # executor lost
-            why = failure_reason(to, e.reason)
-            self._reclaims[why] = self._reclaims.get(why, 0) + 1
+            self._reclaims[(failure_reason(to, e.reason),)] += 1
         elif to == S.APPLY_QUEUED:
             self._apply_queued_at[e.task_id] = e.at
         elif to == S.APPLYING:
@@ -222,11 +222,9 @@ class RunqCollector:
             if queued is not None:
                 self._observe_latency(task_type, "apply", e.at - queued)
         if to in SUCCESS:
-            key = (task_type, to)
-            self._successes[key] = self._successes.get(key, 0) + 1
+            self._successes[(task_type, to)] += 1
         elif to in FAILURE:
-            fkey = (task_type, failure_reason(to, e.reason))
-            self._failures[fkey] = self._failures.get(fkey, 0) + 1
+            self._failures[(task_type, failure_reason(to, e.reason))] += 1
         if to in SUCCESS | FAILURE:
             self._apply_queued_at.pop(e.task_id, None)
             if task_type == TaskType.PLAN_AND_APPLY:
@@ -250,30 +248,24 @@ class RunqCollector:
         return families + list(self._dispatch_counts())
 
     def _cumulative(self) -> Iterator[Metric]:
-        ok = CounterMetricFamily(
+        yield _counter(
             "runq_task_successes",
             "Tasks that ended well, by type and final status (success, applied).",
-            labels=["type", "status"],
+            ["type", "status"],
+            self._successes,
         )
-        for (task_type, st), n in sorted(self._successes.items()):
-            ok.add_metric([task_type, st], n)
-        yield ok
-        bad = CounterMetricFamily(
+        yield _counter(
             "runq_task_failures",
             "Tasks that ended failed, cancelled or discarded, by type and reason.",
-            labels=["type", "reason"],
+            ["type", "reason"],
+            self._failures,
         )
-        for (task_type, why), n in sorted(self._failures.items()):
-            bad.add_metric([task_type, why], n)
-        yield bad
-        again = CounterMetricFamily(
+        yield _counter(
             "runq_plan_reclaims",
             "Plans re-claimed after their executor was lost, by reason.",
-            labels=["reason"],
+            ["reason"],
+            self._reclaims,
         )
-        for why, n in sorted(self._reclaims.items()):
-            again.add_metric([why], n)
-        yield again
         latency = HistogramMetricFamily(
             "runq_scheduling_latency_seconds",
             "Submit-to-start latency: a phase became runnable (the task was submitted; "
@@ -353,21 +345,30 @@ class RunqCollector:
         yield oldest
 
     def _dispatch_counts(self) -> Iterator[Metric]:
-        decisions = CounterMetricFamily(
-            "runq_dispatch_decisions",
-            "Dispatcher decisions by outcome: claimed_plan, claimed_apply, skipped, "
-            "lock_busy (the workspace lock was held: marked dirty, no wait), "
-            "dirty_rerun (the holder ran once more for a dirty mark).",
-            labels=["outcome"],
-        )
         try:
             raw = cast(dict[bytes, bytes], self.rt.redis.hgetall(DISPATCH_COUNTS_KEY))
         except Exception as exc:
             log.warning("metrics: cannot read dispatch counts from Redis (%s)", exc)
             return
-        for outcome, n in sorted(raw.items()):
-            decisions.add_metric([outcome.decode()], int(n))
-        yield decisions
+        yield _counter(
+            "runq_dispatch_decisions",
+            "Dispatcher decisions by outcome: claimed_plan, claimed_apply, skipped, "
+            "lock_busy (the workspace lock was held: marked dirty, no wait), "
+            "dirty_rerun (the holder ran once more for a dirty mark).",
+            ["outcome"],
+            {(outcome.decode(),): int(n) for outcome, n in raw.items()},
+        )
+
+
+def _counter(
+    name: str, documentation: str, labels: list[str], counts: Mapping[tuple[str, ...], int]
+) -> CounterMetricFamily:
+    """A counter family with one series per key of ``counts`` (its label
+    values, in ``labels``' order), in sorted order."""
+    family = CounterMetricFamily(name, documentation, labels=labels)
+    for values, n in sorted(counts.items()):
+        family.add_metric(list(values), n)
+    return family
 
 
 def registry_for(rt: Runtime) -> CollectorRegistry:
