@@ -305,6 +305,12 @@ def store_log(session: Session, report: LogWritten) -> Reply:
     return Reply.ok()
 
 
+def _past(end: int, offset: int, content: bytes) -> bytes | None:
+    """What chunk ``content``, stored at byte ``offset`` of a phase's log,
+    adds after byte ``end``; None if it ends by ``end`` (a re-sent chunk)."""
+    return content[max(0, end - offset) :] if offset + len(content) > end else None
+
+
 def log_text(session: Session, task_id: int, phase: str | None = None) -> bytes:
     """A task's stored output, phase by phase, latest claim of each phase."""
     rows = session.execute(
@@ -322,10 +328,8 @@ def log_text(session: Session, task_id: int, phase: str | None = None) -> bytes:
         chunks = sorted((o, c) for p, f, o, c in rows if p == ph and f == latest_fence.get(ph))
         end = 0
         for offset, content in chunks:
-            if offset + len(content) <= end:
-                continue
-            out += content[max(0, end - offset) :]
-            end = offset + len(content)
+            out += _past(end, offset, content) or b""
+            end = max(end, offset + len(content))
     return bytes(out)
 
 
@@ -372,10 +376,9 @@ def follow(
         for chunk_id, phase, fence, offset, content in rows:
             last_id = chunk_id
             end = ends.get((phase, fence), 0)
-            if offset + len(content) <= end:
-                continue
-            ends[(phase, fence)] = offset + len(content)
-            yield LogPiece(phase, fence, content[max(0, end - offset) :])
+            if (new := _past(end, offset, content)) is not None:
+                ends[(phase, fence)] = offset + len(content)
+                yield LogPiece(phase, fence, new)
         if TaskStatus(status) in SETTLED and not rows:
             return
         sleep(poll)
