@@ -28,7 +28,6 @@ from __future__ import annotations
 import os
 import signal
 import sys
-import textwrap
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
@@ -58,6 +57,7 @@ from scheduler.supervise import (
     WorkerPool,
     worker_argv,
 )
+from scheduler.timeline import timelines
 
 #: Seconds the scenario may take, from the first submit to the last task settling.
 DEADLINE_SECONDS = 180.0
@@ -100,11 +100,7 @@ def _start_workers(count: int, demo_dir: Path, env: dict[str, str], stack: ExitS
     try:
         pool.start(WORKER_START_SECONDS)
     except Exited as exc:
-        p = exc.proc
-        raise DemoError(
-            f"worker {p.name} exited with status {p.returncode}; "
-            f"its log ({p.log}) ends:\n{textwrap.indent(p.tail(15), '    ')}"
-        ) from exc
+        raise DemoError(f"worker {exc.proc.exit_report(lines=15, indent='    ')}") from exc
     except NotReady as exc:
         missing = ", ".join(sorted(exc.names))
         raise DemoError(f"workers {missing} not ready after {WORKER_START_SECONDS:g}s") from exc
@@ -249,14 +245,15 @@ def _run(
 
         app.close()  # its connection pool points at a broker that is going away
 
+    lines = timelines(events)  # each phase and wait of each task, for all three
     report = demo_render.report(
-        views, events, names_by_ws, problems, setup, workers, time.monotonic() - started
+        views, events, lines, names_by_ws, problems, setup, workers, time.monotonic() - started
     )
-    report.timeline = str(demo_render.picture(views, events, demo_dir))
+    report.timeline = str(demo_render.picture(views, lines, demo_dir))
     (demo_dir / "report.json").write_text(demo_render.dumps(report.to_json()))
     if not quiet:
         say("")
-        say(demo_render.render(views, events, names_by_ws, report))
+        say(demo_render.render(views, events, lines, names_by_ws, report))
         say(f"timeline picture: {report.timeline} (runq timeline --out FILE draws one any time)")
     if not report.ok:
         raise DemoError(

@@ -15,7 +15,7 @@ from typing import Any
 from scheduler.demo_scenario import EXPECTED_END, WORKSPACES
 from scheduler.demo_setup import Setup
 from scheduler.states import TERMINAL, TaskType
-from scheduler.timeline import Segment, TaskTimeline, WorkspaceFacts, timelines, workspace_facts
+from scheduler.timeline import Segment, TaskTimeline, WorkspaceFacts, workspace_facts
 from scheduler.views import EventView, TaskView
 
 # ---------------------------------------------------------------- report
@@ -146,6 +146,7 @@ def task_json(v: TaskView, line: TaskTimeline | None, origin: datetime | None) -
 def report(
     views: Sequence[TaskView],
     events: Sequence[EventView],
+    lines: Mapping[int, TaskTimeline],
     names: Mapping[str, str],
     problems: list[str],
     setup: Setup,
@@ -153,8 +154,7 @@ def report(
     wall_seconds: float,
 ) -> DemoReport:
     """The report of a run: ``problems`` found while it ran, and those its
-    events show."""
-    lines = timelines(events)
+    events show (``lines``: their :func:`~scheduler.timeline.timelines`)."""
     facts = workspace_facts(views, lines)
     origin = min((e.at for e in events), default=None)
     end = max((e.at for e in events), default=None)
@@ -265,10 +265,10 @@ def _ruler(columns: int, bucket: float) -> str:
 def render(
     views: Sequence[TaskView],
     events: Sequence[EventView],
+    lines: Mapping[int, TaskTimeline],
     names: Mapping[str, str],
     report: DemoReport,
 ) -> str:
-    lines = timelines(events)
     if not events:
         return f"(no events recorded)\n\n{report.verdict}"
     origin = min(e.at for e in events)
@@ -319,14 +319,14 @@ def render(
     return "\n".join(out)
 
 
-def picture(views: list[TaskView], events: list[EventView], demo_dir: Path) -> Path:
+def picture(views: list[TaskView], lines: dict[int, TaskTimeline], demo_dir: Path) -> Path:
     """The demo's timeline as SVG and HTML (the path of the HTML)."""
     from scheduler import timeline_picture
 
     title = f"runq demo: {len(views)} tasks"
     from scheduler.models import utcnow
 
-    drawn = timeline_picture.svg(views, timelines(events), utcnow(), title)
+    drawn = timeline_picture.svg(views, lines, utcnow(), title)
     timeline_picture.write(demo_dir / "timeline.svg", drawn, title)
     return timeline_picture.write(demo_dir / "timeline.html", drawn, title)
 

@@ -9,7 +9,6 @@ other; :data:`EXPECTED_END` is how every task should end.
 
 from __future__ import annotations
 
-import textwrap
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -219,10 +218,7 @@ class Scenario:
                 last_line = line
             for p in self.watch:
                 if p.exited():
-                    raise DemoError(
-                        f"{p.name} exited with status {p.returncode} during the demo; "
-                        f"its log ({p.log}) ends:\n{textwrap.indent(p.tail(15), '    ')}"
-                    )
+                    raise DemoError(p.exit_report(" during the demo", 15, "    "))
             if not todo and len(status) == len(self.ids) and set(status.values()) <= TERMINAL:
                 self.say(
                     f"{self.stamp()} all {len(self.ids)} tasks finished "

@@ -144,12 +144,20 @@ class Setup:
     terraform_env: dict[str, str]
     plan_seconds: float
     apply_seconds: float
-    redis_note: str
     #: The private redis-server, unless the user named a Redis.
     redis: RedisServer | None
-    #: The user named the broker (RUNQ_REDIS_URL without RUNQ_BROKER_URL, or
-    #: RUNQ_BROKER_URL): others may be consuming it.
-    shared_broker: bool
+
+    @property
+    def redis_note(self) -> str:
+        if self.redis is None:
+            return self.settings.redis_url
+        return f"private redis-server at {self.redis.url} (stopped at the end)"
+
+    @property
+    def shared_broker(self) -> bool:
+        """The user named the broker (RUNQ_REDIS_URL without RUNQ_BROKER_URL,
+        or RUNQ_BROKER_URL): others may be consuming it."""
+        return self.redis is None or bool(self.settings.broker_url)
 
     @property
     def broker_note(self) -> str:
@@ -224,22 +232,18 @@ def prepare(
 
     # Redis: a private server unless the user named one.
     redis = None
-    if redis_server is None:
-        redis_url, redis_note = base.redis_url, base.redis_url
-    else:
+    if redis_server is not None:
         redis = RedisServer(demo_dir / "redis", exe=redis_server)
         stack.callback(redis.stop, STOP_SECONDS)
         try:
             redis.start()
         except SupervisionError as exc:
             raise DemoError(str(exc)) from exc
-        redis_url = redis.url
-        redis_note = f"private redis-server at {redis_url} (stopped at the end)"
 
     settings = Settings(
         data_dir=demo_dir,
         database_url=base.database_url or f"sqlite:///{demo_dir / 'runq.db'}",
-        redis_url=redis_url,
+        redis_url=redis.url if redis is not None else base.redis_url,
         broker_url=base.broker_url,
         terraform_bin=str(wrapper),
         reconcile_interval=RECONCILE_SECONDS,
@@ -252,7 +256,5 @@ def prepare(
         terraform_env=tf_env,
         plan_seconds=plan_seconds,
         apply_seconds=apply_seconds,
-        redis_note=redis_note,
         redis=redis,
-        shared_broker=redis_server is None or bool(base.broker_url),
     )

@@ -17,6 +17,7 @@ import os
 import signal
 import socket
 import subprocess
+import textwrap
 import time
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -101,6 +102,14 @@ class Proc:
     def tail(self, lines: int = 150) -> str:
         return tail(self.log, lines)
 
+    def exit_report(self, when: str = "", lines: int = 150, indent: str = "") -> str:
+        """``NAME exited with status N{when}; its log (PATH) ends:`` and the
+        log's last ``lines``, each prefixed with ``indent``."""
+        return (
+            f"{self.name} exited with status {self.returncode}{when}; "
+            f"its log ({self.log}) ends:\n{textwrap.indent(self.tail(lines), indent)}"
+        )
+
     def kill(self, timeout: float = 10.0) -> None:
         """SIGKILL of its whole process group, no shutdown work; then reap it."""
         if self.proc is None:
@@ -137,10 +146,7 @@ class Exited(SupervisionError):
 
     def __init__(self, proc: Proc) -> None:
         self.proc = proc
-        super().__init__(
-            f"{proc.name} exited with status {proc.returncode}; "
-            f"its log ({proc.log}) ends:\n{proc.tail()}"
-        )
+        super().__init__(proc.exit_report())
 
 
 class NotReady(SupervisionError):
