@@ -55,16 +55,16 @@ def child_cpu() -> float:
     return usage.children_user + usage.children_system
 
 
-def timed(argv: list[str], env: dict[str, str]) -> tuple[float, float, str]:
+def timed(argv: list[str], env: dict[str, str]) -> tuple[float, float]:
     """Wall and CPU seconds of one run of ``argv`` (CPU from the children's
-    accumulated times, which include only finished children), and its stdout."""
+    accumulated times, which include only finished children)."""
     before = child_cpu()
     started = time.perf_counter()
     proc = subprocess.run(argv, env=env, capture_output=True, text=True, check=False)
     wall = time.perf_counter() - started
     if proc.returncode:
         raise SystemExit(f"{' '.join(argv)} failed ({proc.returncode}):\n{proc.stderr}")
-    return wall, child_cpu() - before, proc.stdout
+    return wall, child_cpu() - before
 
 
 def importtime(argv: list[str], env: dict[str, str], top: int = 8) -> str:
@@ -143,7 +143,7 @@ def main() -> None:
         try:
             for n in range(args.rounds + 1):
                 for name, (argv, run_env) in runs.items():
-                    w, c, _ = timed(argv, run_env)
+                    w, c = timed(argv, run_env)
                     if n:  # round 0 fills the bytecode caches
                         wall[name].append(w)
                         cpu[name].append(c)
